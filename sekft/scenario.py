@@ -1,0 +1,222 @@
+"""The scenario format: one folder per eval (or recording) episode, validated on load.
+
+A scenario is a folder:
+
+    my-scenario/
+        scenario.json   what it is (below); the model never sees it
+        setup.sh        builds the world, run once inside the sandbox, unseen by the model
+        check.sh        judges the final world, run inside the sandbox after the episode
+        files/          optional; copied into the world before setup.sh runs
+
+scenario.json, all keys required except `meta`; unknown keys are an error (typos):
+
+    {
+      "id": "mailbox-quota-3",          # [a-z0-9][a-z0-9._-]*, unique within a suite
+      "family": "mailbox-quota",        # same alphabet; rates are reported per family
+      "split": "heldout",               # "train" or "heldout"
+      "expect": "exit",                 # "exit": doable, or "panic": genuinely blocked
+      "turn_budget": 30,                # assistant turns (command lines) before "budget"
+      "command_timeout": 10,            # seconds of wall clock per command line
+      "description": "for humans only", # the model never sees this
+      "meta": {}                        # optional, free-form (generator seed, params...)
+    }
+
+The world. Each episode gets a fresh host folder W; inside the sandbox the model's user is
+`user` (uid 1000) on host `sandbox`, and these are the ONLY writable places, all of them
+bound from W (everything else is read-only system files or absent):
+
+    W/home   -> /home/user    HOME and the login directory
+    W/local  -> /usr/local    provider tools in /usr/local/bin (first on PATH), man pages in
+                              /usr/local/share/man (first on MANPATH), libraries, etc.
+    W/mail   -> /var/mail     the mail spool: MAIL=/var/mail/user
+    W/tmp    -> /tmp
+    W/motd   -> /etc/motd     the login banner: its text, then the prompt, is the model's
+                              first observation (an empty motd means just the prompt)
+
+`files/` mirrors W: `files/home/NOTES` lands at /home/user/NOTES, `files/local/bin/acme`
+at /usr/local/bin/acme (modes are kept), `files/motd` is the banner. Top-level names in
+`files/` other than home, local, mail, tmp, motd are an error.
+
+The harness adds /opt/sekft/bin (read-only, last on PATH) holding `panic`: `panic "reason"`
+records the reason and ends the session. `exit` (the shell ending) ends it too.
+
+Environment inside the sandbox (setup, episode and check alike): HOME=/home/user,
+USER=LOGNAME=user, SHELL=/bin/bash, PATH=/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:
+/bin:/sbin:/opt/sekft/bin, MANPATH=/usr/local/share/man:/usr/share/man, MAIL=/var/mail/user,
+TERM=dumb, PAGER=MANPAGER=GIT_PAGER=cat, LANG=C.UTF-8. No network, no /root, no host /tmp.
+
+setup.sh runs as `bash setup.sh` with cwd /home/user and, in addition,
+SEKFT_SCENARIO=/opt/sekft/scenario: this folder, read-only (only during setup and check, so
+the model cannot read check.sh). A non-zero exit, or running past the setup timeout, is a
+scenario error: reported as such, never counted as a model failure.
+
+check.sh runs as `bash check.sh` over the final world after the episode, cwd /home/user,
+with SEKFT_SCENARIO as above and:
+
+    SEKFT_ENDING        how the episode ended: exit | panic | budget | context | timeout
+                        (timeout: the episode's wall-clock limit, not one command's)
+    SEKFT_PANIC_REASON  the reason given to `panic` ("" unless SEKFT_ENDING=panic)
+    SEKFT_TURNS         the number of assistant turns taken
+    SEKFT_TRANSCRIPT    path of a read-only JSON file: the episode's messages,
+                        [{"role": "user"|"assistant", "content": "..."}, ...]
+
+Exit 0 means the episode passed. A scenario that expects `panic` should check
+SEKFT_ENDING=panic itself; the harness reports the correct-panic rate separately.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sekft.errors import ScenarioError
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+SPLITS = ("train", "heldout")
+EXPECTS = ("exit", "panic")
+ENDINGS = ("exit", "panic", "budget", "context", "timeout")
+WORLD_ENTRIES = ("home", "local", "mail", "tmp", "motd")
+REQUIRED_FILES = ("scenario.json", "setup.sh", "check.sh")
+REQUIRED_KEYS = (
+    "id", "family", "split", "expect", "turn_budget", "command_timeout", "description",
+)
+OPTIONAL_KEYS = ("meta",)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario folder; see the module docstring for the meaning of each field."""
+
+    path: Path
+    id: str
+    family: str
+    split: str
+    expect: str
+    turn_budget: int
+    command_timeout: float
+    description: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def setup_script(self) -> Path:
+        return self.path / "setup.sh"
+
+    @property
+    def check_script(self) -> Path:
+        return self.path / "check.sh"
+
+    @property
+    def files_dir(self) -> Path | None:
+        files = self.path / "files"
+        return files if files.is_dir() else None
+
+
+def _name(where: str, key: str, value: object) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise ScenarioError(
+            f"{where}: field {key!r}: {value!r} is not a name; use lowercase letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit"
+        )
+    return value
+
+
+def _choice(where: str, key: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ScenarioError(f"{where}: field {key!r}: {value!r} must be one of {list(choices)}")
+    return value
+
+
+def _positive(where: str, key: str, value: object, kind: type) -> int | float:
+    ok_types = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types) or value <= 0:
+        noun = "integer" if kind is int else "number (seconds)"
+        raise ScenarioError(f"{where}: field {key!r}: {value!r} must be a positive {noun}")
+    return kind(value)
+
+
+def parse_scenario_json(text: str, where: str) -> dict:
+    """Parse and validate the text of a scenario.json; `where` names the file in errors.
+
+    Returns the fields as a dict of checked, typed values (meta defaults to {}).
+    """
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScenarioError(
+            f"{where}:{e.lineno}: not valid JSON ({e.msg}); fix the file"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}: must be a JSON object with keys {list(REQUIRED_KEYS)}")
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise ScenarioError(f"{where}: missing field(s) {missing}; every scenario needs "
+                            f"{list(REQUIRED_KEYS)}")
+    unknown = sorted(set(raw) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise ScenarioError(f"{where}: unknown field(s) {unknown}; put free-form data "
+                            "under 'meta'")
+    if not isinstance(raw["description"], str):
+        raise ScenarioError(f"{where}: field 'description' must be a string")
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ScenarioError(f"{where}: field 'meta' must be a JSON object")
+    return {
+        "id": _name(where, "id", raw["id"]),
+        "family": _name(where, "family", raw["family"]),
+        "split": _choice(where, "split", raw["split"], SPLITS),
+        "expect": _choice(where, "expect", raw["expect"], EXPECTS),
+        "turn_budget": _positive(where, "turn_budget", raw["turn_budget"], int),
+        "command_timeout": _positive(where, "command_timeout", raw["command_timeout"], float),
+        "description": raw["description"],
+        "meta": meta,
+    }
+
+
+def load_scenario(folder: str | Path) -> Scenario:
+    """Load and validate one scenario folder; raises ScenarioError naming file and field."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ScenarioError(f"{folder}: not a scenario folder (does not exist or is a file)")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ScenarioError(f"{folder}: missing {missing}; a scenario folder needs "
+                            f"{list(REQUIRED_FILES)} (and optionally files/)")
+    where = str(folder / "scenario.json")
+    fields = parse_scenario_json((folder / "scenario.json").read_text(encoding="utf-8"), where)
+    files = folder / "files"
+    if files.exists():
+        if not files.is_dir():
+            raise ScenarioError(f"{files}: must be a folder mirroring the world")
+        stray = sorted(p.name for p in files.iterdir() if p.name not in WORLD_ENTRIES)
+        if stray:
+            raise ScenarioError(f"{files}: unexpected {stray}; files/ may only hold "
+                                f"{list(WORLD_ENTRIES)} (it mirrors the world)")
+    return Scenario(path=folder.resolve(), **fields)
+
+
+def load_scenarios(root: str | Path, split: str | None = None) -> list[Scenario]:
+    """Every scenario under `root` (itself one, or folders with scenario.json at any depth).
+
+    Sorted by (family, id); `split` keeps only that split. Duplicate ids are an error, and so
+    is finding none at all.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ScenarioError(f"{root}: scenarios folder does not exist")
+    if split is not None:
+        _choice("--split", "split", split, SPLITS)
+    folders = sorted(p.parent for p in root.rglob("scenario.json"))
+    scenarios = [load_scenario(f) for f in folders]
+    seen: dict[str, Path] = {}
+    for s in scenarios:
+        if s.id in seen:
+            raise ScenarioError(f"{s.path}: id {s.id!r} is also used by {seen[s.id]}; "
+                                "ids must be unique")
+        seen[s.id] = s.path
+    chosen = [s for s in scenarios if split is None or s.split == split]
+    if not chosen:
+        wanted = f" with split {split!r}" if split else ""
+        raise ScenarioError(f"{root}: no scenarios{wanted} found (folders holding scenario.json)")
+    return sorted(chosen, key=lambda s: (s.family, s.id))

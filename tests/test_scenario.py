@@ -1,0 +1,88 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sekft.errors import ScenarioError
+from sekft.scenario import load_scenario, load_scenarios, parse_scenario_json
+
+FIXTURES = Path(__file__).parent / "fixtures" / "scenarios"
+
+VALID = {
+    "id": "a-1", "family": "fam", "split": "heldout", "expect": "exit",
+    "turn_budget": 5, "command_timeout": 2.5, "description": "d",
+}
+
+
+def _copy(tmp_path, name="write-done"):
+    dst = tmp_path / name
+    shutil.copytree(FIXTURES / name, dst)
+    return dst
+
+
+def test_fixture_scenario_loads_with_typed_fields():
+    s = load_scenario(FIXTURES / "write-done")
+    assert (s.id, s.family, s.split, s.expect) == ("write-done", "notes", "heldout", "exit")
+    assert s.turn_budget == 6 and s.command_timeout == 5.0
+    assert s.files_dir == FIXTURES.resolve() / "write-done" / "files"
+
+
+def test_suite_is_sorted_by_family_then_id_and_filtered_by_split():
+    ids = [s.id for s in load_scenarios(FIXTURES)]
+    assert ids == ["blocked-key", "write-done"]
+    with pytest.raises(ScenarioError, match="no scenarios with split 'train'"):
+        load_scenarios(FIXTURES, split="train")
+
+
+@pytest.mark.parametrize("missing", ["scenario.json", "setup.sh", "check.sh"])
+def test_missing_file_is_named(tmp_path, missing):
+    folder = _copy(tmp_path)
+    (folder / missing).unlink()
+    with pytest.raises(ScenarioError, match=f"missing \\['{missing}'\\]"):
+        load_scenario(folder)
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "scenario.json").write_text('{\n"id": "x",\n oops\n}')
+    with pytest.raises(ScenarioError, match=r"scenario\.json:3: not valid JSON"):
+        load_scenario(folder)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("split", "test", "'split': 'test' must be one of"),
+        ("expect", "done", "'expect': 'done' must be one of"),
+        ("turn_budget", 0, "'turn_budget': 0 must be a positive integer"),
+        ("turn_budget", 2.5, "'turn_budget': 2.5 must be a positive integer"),
+        ("command_timeout", "10", "'command_timeout': '10' must be a positive number"),
+        ("id", "Has Space", "'id': 'Has Space' is not a name"),
+    ],
+)
+def test_bad_field_value_is_named(key, value, message):
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario_json(json.dumps({**VALID, key: value}), "s.json")
+
+
+def test_missing_and_unknown_keys_are_errors():
+    without = {k: v for k, v in VALID.items() if k != "family"}
+    with pytest.raises(ScenarioError, match=r"missing field\(s\) \['family'\]"):
+        parse_scenario_json(json.dumps(without), "s.json")
+    with pytest.raises(ScenarioError, match=r"unknown field\(s\) \['turn_budjet'\]"):
+        parse_scenario_json(json.dumps({**VALID, "turn_budjet": 3}), "s.json")
+
+
+def test_files_folder_may_only_mirror_the_world(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "files" / "etc").mkdir()
+    with pytest.raises(ScenarioError, match=r"unexpected \['etc'\]"):
+        load_scenario(folder)
+
+
+def test_duplicate_ids_in_a_suite_are_an_error(tmp_path):
+    _copy(tmp_path)
+    shutil.copytree(FIXTURES / "write-done", tmp_path / "again")
+    with pytest.raises(ScenarioError, match="id 'write-done' is also used"):
+        load_scenarios(tmp_path)

@@ -1,0 +1,76 @@
+"""The trainer's progress line: redrawn in place on a terminal, one plain line per log otherwise."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import TextIO
+
+import torch
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as "45s", "4m05s" or "2h03m"; "?" for a negative or infinite value."""
+    if not 0 <= seconds < float("inf"):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_bytes(n: int) -> str:
+    """A byte count in MB below 1 GB, else GB, one decimal."""
+    return f"{n / 2**20:.0f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
+
+
+def format_progress(
+    step: int, total: int, loss: float, tokens_per_s: float, eta_s: float, memory: int
+) -> str:
+    """One progress line: "step 12/300  loss 1.2345  1234 tok/s  ETA 4m05s  mem 1.2 GB"."""
+    return (
+        f"step {step}/{total}  loss {loss:.4f}  {tokens_per_s:.0f} tok/s  "
+        f"ETA {format_duration(eta_s)}  mem {format_bytes(memory)}"
+    )
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes so far: CUDA allocator peak on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class ProgressLine:
+    """Shows progress lines: over each other on a TTY, as separate lines elsewhere (logs, CI)."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.drawn = False
+
+    def update(self, line: str) -> None:
+        """Replace the live line (TTY) or print it as a line of its own."""
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line)
+            self.drawn = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, line: str) -> None:
+        """Print a line that stays (an eval result, a saved checkpoint) above the live line."""
+        if self.drawn:
+            self.stream.write("\r\x1b[2K")
+            self.drawn = False
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False

@@ -1,0 +1,57 @@
+"""The progress line: its text, and drawing in place on a TTY versus plain lines elsewhere."""
+
+from __future__ import annotations
+
+import io
+
+from sekft.progress import ProgressLine, format_bytes, format_duration, format_progress
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_format_duration_picks_the_largest_sensible_units():
+    assert [format_duration(s) for s in (0, 45, 245, 7380)] == ["0s", "45s", "4m05s", "2h03m"]
+
+
+def test_format_duration_of_an_unknown_eta_is_a_question_mark():
+    assert format_duration(float("inf")) == "?"
+
+
+def test_format_bytes_switches_to_gigabytes_at_one_gigabyte():
+    assert format_bytes(300 * 2**20) == "300 MB"
+    assert format_bytes(3 * 2**29) == "1.5 GB"
+
+
+def test_format_progress_shows_step_loss_speed_eta_and_memory():
+    line = format_progress(12, 300, 1.23456, 1234.4, 245, 2**30)
+    assert line == "step 12/300  loss 1.2346  1234 tok/s  ETA 4m05s  mem 1.0 GB"
+
+
+def test_progress_line_redraws_in_place_on_a_tty():
+    out = _Tty()
+    progress = ProgressLine(out)
+    progress.update("a")
+    progress.update("b")
+    progress.close()
+    assert out.getvalue() == "\r\x1b[2Ka\r\x1b[2Kb\n"
+
+
+def test_progress_line_prints_plain_lines_when_not_a_tty():
+    out = io.StringIO()
+    progress = ProgressLine(out)
+    progress.update("a")
+    progress.message("saved")
+    progress.update("b")
+    progress.close()
+    assert out.getvalue() == "a\nsaved\nb\n"
+
+
+def test_progress_message_clears_the_live_line_first_on_a_tty():
+    out = _Tty()
+    progress = ProgressLine(out)
+    progress.update("a")
+    progress.message("saved")
+    assert out.getvalue() == "\r\x1b[2Ka\r\x1b[2Ksaved\n"

@@ -51,6 +51,10 @@ class TrainError(SekftError):
     """A training run cannot start or resume as asked (e.g. --out holds another run)."""
 
 
+class ResidentError(SekftError):
+    """The resident server cannot start or be reached, or a request to it is malformed."""
+
+
 def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI entry point: a `SekftError` becomes one line on stderr and exit code 1."""
     try:

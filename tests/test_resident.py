@@ -1,0 +1,422 @@
+"""The resident server: protocol, queue, failure handling and the base staying untouched.
+
+Most tests run the server in a thread of the test process with stand-in job runners, so
+they exercise the socket, the queue and the worker without training anything; the tests at
+the end run the real trainer and evaluator on a tiny base.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sekft import resident
+from sekft.errors import DataError, ResidentError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def socket_path():
+    # sun_path holds 107 bytes; pytest's tmp_path can be longer than that.
+    with tempfile.TemporaryDirectory(prefix="sekft-", dir="/tmp") as folder:
+        yield Path(folder) / "r.sock"
+
+
+class Gate:
+    """Lets a test hold a stand-in job mid-run and release it when it chooses."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+
+def stand_in_train(gate: Gate | None = None):
+    """A runner shaped like the real one: `--data` must exist; it reports three steps,
+    waits at `gate` after the first, and stops early when asked."""
+
+    def run(base, args, report, stop):
+        data = Path(args[args.index("--data") + 1])
+        if not data.is_dir():
+            raise DataError(f"{data}: no such folder; pass --data a folder of *.jsonl")
+        for step in range(1, 4):
+            report(f"step {step}/3", step=step)
+            if gate is not None and step == 1:
+                gate.entered.set()
+                while not gate.release.wait(0.01) and not stop.is_set():
+                    pass
+            if stop.is_set():
+                return {"stopped_at": step}
+        return {"summary": f"trained on {data}", "steps": 3, "base": base}
+
+    return run
+
+
+def stand_in_eval(base, args, report, stop):
+    report("episode 1/1")
+    return {"base": base}
+
+
+@pytest.fixture
+def serve(socket_path):
+    """Start a server in a thread; returns (resident, loads) where loads counts loader calls."""
+    started = []
+
+    def start(gate: Gate | None = None):
+        loads = []
+        server = resident.start(
+            "tiny",
+            lambda: loads.append(1) or "the-base",
+            {"train": stand_in_train(gate), "eval": stand_in_eval},
+            socket_path,
+        )
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server, loads
+
+    yield start
+    for server, thread in started:
+        server.begin_shutdown("test over")
+        thread.join(10)
+
+
+def connect(path: Path) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(path))
+    conn.settimeout(10)
+    return conn
+
+
+def read_events(conn: socket.socket) -> list[dict]:
+    """Read reply lines up to and including the terminal event."""
+    events = []
+    with conn.makefile("rb") as reader:
+        for line in reader:
+            events.append(json.loads(line))
+            if events[-1]["event"] in resident.TERMINAL_EVENTS:
+                break
+    return events
+
+
+def ask(path: Path, req: dict) -> list[dict]:
+    return list(resident.request(path, req))
+
+
+def train_request(data: Path, *extra: str, detach: bool = False) -> dict:
+    args = ["--data", str(data), "--out", "out", *extra]
+    return {"op": "train", "args": args, "cwd": "/tmp", "detach": detach}
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.01)
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        (b"\xff\xfe garbage\n", "not a JSON line"),
+        (b"[1, 2]\n", "JSON object"),
+        (b'{"op": "finetune"}\n', "field 'op'"),
+        (b'{"op": "cancel", "job": "3"}\n', "field 'job'"),
+        (b'{"op": "train", "args": "--data d"}\n', "field 'args'"),
+        (b'{"op": "train", "args": [], "cwd": "rel"}\n', "field 'cwd'"),
+    ],
+)
+def test_parse_request_names_what_is_wrong(line, field):
+    with pytest.raises(ResidentError, match=field):
+        resident.parse_request(line)
+
+
+def test_parse_request_refuses_a_job_that_sets_the_base():
+    line = b'{"op": "train", "args": ["--base=other", "--data", "d"], "cwd": "/"}\n'
+    with pytest.raises(ResidentError, match="--base is set by the server"):
+        resident.parse_request(line)
+
+
+def test_resolve_paths_makes_path_options_absolute_against_cwd():
+    args = ["--data", "d", "--out=o", "--lr", "1e-4", "--adapter", "/abs/a"]
+    resolved = resident.resolve_paths(args, "/work")
+    assert resolved == ["--data", "/work/d", "--out=/work/o", "--lr", "1e-4", "--adapter", "/abs/a"]
+
+
+def test_default_socket_lives_in_the_users_runtime_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert resident.default_socket_path() == tmp_path / "sekft" / "resident.sock"
+
+
+def test_private_dir_refuses_a_folder_others_can_enter(tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    with pytest.raises(ResidentError, match="mode 0700"):
+        resident.private_dir(folder)
+
+
+# --- the server answers and carries on --------------------------------------------------
+
+
+def test_socket_is_private_to_its_user(serve, socket_path):
+    serve()
+    assert socket_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_garbage_on_the_socket_gets_an_error_and_the_connection_keeps_serving(serve, socket_path):
+    serve()
+    with connect(socket_path) as conn:
+        conn.sendall(b"\x00\x01\xffnot json at all\n")
+        conn.sendall(b'{"op": "status"}\n')
+        reader = conn.makefile("rb")
+        first, second = json.loads(reader.readline()), json.loads(reader.readline())
+    assert first["event"] == "error" and "not a JSON line" in first["message"]
+    assert second["event"] == "status"
+
+
+def test_truncated_json_line_is_answered_and_the_server_carries_on(serve, socket_path):
+    serve()
+    with connect(socket_path) as conn:
+        conn.sendall(b'{"op": "sta')
+        conn.shutdown(socket.SHUT_WR)
+        (reply,) = read_events(conn)
+    assert reply["event"] == "error" and "not ended by" in reply["message"]
+    assert ask(socket_path, {"op": "status"})[-1]["event"] == "status"
+
+
+def test_unknown_job_type_gets_an_error_naming_the_field(serve, socket_path):
+    serve()
+    (reply,) = ask(socket_path, {"op": "finetune", "args": []})
+    assert reply["event"] == "error" and "field 'op'" in reply["message"]
+
+
+def test_failing_job_reports_its_error_and_the_next_job_runs(serve, socket_path, tmp_path):
+    serve()
+    failed = ask(socket_path, train_request(tmp_path / "missing"))
+    assert failed[-1]["event"] == "error"
+    assert failed[-1]["error"] == "DataError" and "missing: no such folder" in failed[-1]["message"]
+    assert ask(socket_path, train_request(tmp_path))[-1]["event"] == "result"
+
+
+def test_job_reply_streams_queued_started_progress_then_result(serve, socket_path, tmp_path):
+    serve()
+    events = ask(socket_path, train_request(tmp_path))
+    kinds = [e["event"] for e in events]
+    assert kinds == ["queued", "started", "progress", "progress", "progress", "result"]
+    assert [e["line"] for e in events if e["event"] == "progress"] == [
+        "step 1/3",
+        "step 2/3",
+        "step 3/3",
+    ]
+    assert {e["job"] for e in events} == {1}
+
+
+def test_relative_paths_in_a_job_resolve_against_the_clients_cwd(serve, socket_path, tmp_path):
+    serve()
+    (tmp_path / "data").mkdir()
+    req = {"op": "train", "args": ["--data", "data"], "cwd": str(tmp_path)}
+    assert ask(socket_path, req)[-1]["result"]["summary"] == f"trained on {tmp_path / 'data'}"
+
+
+def test_base_is_loaded_once_for_many_jobs(serve, socket_path, tmp_path):
+    server, loads = serve()
+    for _ in range(3):
+        assert ask(socket_path, train_request(tmp_path))[-1]["result"]["base"] == "the-base"
+    assert ask(socket_path, {"op": "eval", "args": []})[-1]["event"] == "result"
+    assert loads == [1]
+    assert ask(socket_path, {"op": "status"})[-1]["base_loads"] == 1
+
+
+def test_client_killed_mid_job_does_not_kill_the_job(serve, socket_path, tmp_path):
+    gate = Gate()
+    server, _ = serve(gate)
+    client = subprocess.Popen(
+        [sys.executable, "-m", "sekft.resident", "submit", "train", "--socket", str(socket_path)]
+        + ["--data", str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert gate.entered.wait(20)
+    client.kill()
+    client.wait()
+    gate.release.set()
+    events = ask(socket_path, {"op": "watch", "job": 1})
+    assert events[-1]["event"] == "result" and events[-1]["result"]["steps"] == 3
+
+
+def test_status_shows_running_queued_and_finished_jobs(serve, socket_path, tmp_path):
+    gate = Gate()
+    serve(gate)
+    ask(socket_path, train_request(tmp_path / "missing"))
+    ask(socket_path, train_request(tmp_path, detach=True))
+    assert gate.entered.wait(10)
+    ask(socket_path, train_request(tmp_path, detach=True))
+    (status,) = ask(socket_path, {"op": "status"})
+    gate.release.set()
+    assert status["running"]["job"] == 2
+    assert [j["job"] for j in status["queued"]] == [3]
+    assert [(j["job"], j["state"]) for j in status["finished"]] == [(1, "failed")]
+
+
+def test_detached_submit_returns_at_once_and_watch_follows_the_job(serve, socket_path, tmp_path):
+    gate = Gate()
+    serve(gate)
+    reply = ask(socket_path, train_request(tmp_path, detach=True))
+    assert [e["event"] for e in reply] == ["queued", "ok"]
+    gate.release.set()
+    assert ask(socket_path, {"op": "watch", "job": 1})[-1]["event"] == "result"
+
+
+def test_cancel_drops_a_queued_job(serve, socket_path, tmp_path):
+    gate = Gate()
+    serve(gate)
+    ask(socket_path, train_request(tmp_path, detach=True))
+    ask(socket_path, train_request(tmp_path, detach=True))
+    assert ask(socket_path, {"op": "cancel", "job": 2})[-1]["event"] == "ok"
+    gate.release.set()
+    assert ask(socket_path, {"op": "watch", "job": 2})[-1]["event"] == "cancelled"
+    assert ask(socket_path, {"op": "watch", "job": 1})[-1]["event"] == "result"
+
+
+def test_cancel_stops_a_running_job_at_its_next_step(serve, socket_path, tmp_path):
+    gate = Gate()
+    serve(gate)
+    ask(socket_path, train_request(tmp_path, detach=True))
+    assert gate.entered.wait(10)
+    ask(socket_path, {"op": "cancel", "job": 1})
+    final = ask(socket_path, {"op": "watch", "job": 1})[-1]
+    assert final["event"] == "cancelled" and final["result"] == {"stopped_at": 1}
+
+
+def test_cancel_of_an_unknown_job_is_an_error(serve, socket_path):
+    serve()
+    (reply,) = ask(socket_path, {"op": "cancel", "job": 42})
+    assert reply["event"] == "error" and "no job 42" in reply["message"]
+
+
+def test_shutdown_stops_the_running_job_cancels_the_queue_and_removes_the_socket(
+    serve, socket_path, tmp_path
+):
+    gate = Gate()
+    server, _ = serve(gate)
+    ask(socket_path, train_request(tmp_path, detach=True))
+    ask(socket_path, train_request(tmp_path, detach=True))
+    assert gate.entered.wait(10)
+    assert ask(socket_path, {"op": "shutdown"})[-1]["event"] == "ok"
+    assert [server.jobs[1].state, server.jobs[2].state] == ["cancelled", "cancelled"]
+    assert not socket_path.exists()
+
+
+# --- one server per socket --------------------------------------------------------------
+
+
+def test_second_server_on_the_same_socket_is_refused_before_loading(serve, socket_path):
+    serve()
+    loads = []
+    with pytest.raises(ResidentError, match=r"already serving here; stop it with"):
+        resident.start("tiny", lambda: loads.append(1), {}, socket_path)
+    assert loads == []
+    assert ask(socket_path, {"op": "status"})[-1]["event"] == "status"
+
+
+def test_stale_socket_of_a_dead_server_is_replaced(socket_path):
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(socket_path))
+    dead.close()
+    server = resident.start("tiny", lambda: "base", {}, socket_path)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    assert ask(socket_path, {"op": "status"})[-1]["base"] == "tiny"
+    server.begin_shutdown("test over")
+    thread.join(10)
+
+
+def test_client_without_a_server_says_how_to_start_one(socket_path):
+    with pytest.raises(ResidentError, match="no resident server at .*sekft-resident serve"):
+        ask(socket_path, {"op": "status"})
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+def test_submit_prints_progress_lines_then_the_result(serve, socket_path, tmp_path, capsys):
+    serve()
+    argv = ["submit", "train", "--socket", str(socket_path), "--data", str(tmp_path)]
+    assert resident.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["step 1/3", "step 2/3", "step 3/3", f"trained on {tmp_path}"]
+
+
+def test_submit_of_a_failing_job_prints_one_line_and_exits_1(serve, socket_path, tmp_path, capsys):
+    serve()
+    argv = ["submit", "train", "--socket", str(socket_path), "--data", str(tmp_path / "nope")]
+    assert resident.main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("sekft-resident: error: job 1: DataError: ")
+
+
+def test_sigterm_lets_the_running_job_stop_cleanly_then_the_server_exits(socket_path, tmp_path):
+    # A server process whose job, like training, writes a checkpoint when asked to stop.
+    script = f"""
+import sys, time
+from pathlib import Path
+from sekft import resident
+
+def train(base, args, report, stop):
+    report("step 1")
+    while not stop.wait(0.01):
+        pass
+    Path({str(tmp_path / "checkpoint")!r}).write_text("saved")
+    return {{}}
+
+server = resident.start("tiny", lambda: "base", {{"train": train}}, Path({str(socket_path)!r}))
+resident.stop_on_signals(server)
+server.serve_forever()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE)
+    wait_for(socket_path.exists)
+    req = {"op": "train", "args": [], "cwd": "/tmp"}
+    with connect(socket_path) as conn:
+        conn.sendall((json.dumps(req) + "\n").encode())
+        reader = conn.makefile("rb")
+        while json.loads(reader.readline())["event"] != "progress":
+            pass
+        proc.send_signal(signal.SIGTERM)
+        final = read_events(conn)[-1]
+    assert proc.wait(20) == 0
+    assert final["event"] == "cancelled" and "SIGTERM" in final["reason"]
+    assert (tmp_path / "checkpoint").read_text() == "saved"
+    assert not socket_path.exists()
+
+
+def test_uncaught_bug_in_a_job_is_reported_and_the_server_carries_on(socket_path, tmp_path):
+    def broken(base, args, report, stop):
+        raise ZeroDivisionError("division by zero")
+
+    server = resident.start(
+        "tiny", lambda: "b", {"train": broken, "eval": stand_in_eval}, socket_path
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        failed = ask(socket_path, {"op": "train", "args": []})[-1]
+        assert failed["error"] == "ZeroDivisionError" and "internal" in failed["message"]
+        assert ask(socket_path, {"op": "eval", "args": []})[-1]["event"] == "result"
+    finally:
+        server.begin_shutdown("test over")
+        thread.join(10)

@@ -1,0 +1,702 @@
+"""LoRA on our decoder's linear layers, float or 4-bit, saved and loaded in PEFT's format.
+
+A `LoRALinear` replaces a target projection (`q_proj`, ..., `down_proj`) in place. It keeps
+the wrapped layer's own `weight` and `bias` Parameter objects registered under the same
+names, so the model's base state_dict keys stay the checkpoint's
+(`model.layers.0.self_attn.q_proj.weight`) and loading a base stays a name-to-name copy; the
+adapter adds `lora_A.weight` (r x in) and `lora_B.weight` (out x r) next to them. PEFT names
+the same tensors `base_model.model.` + our name, which is all `save_adapter` and
+`load_adapter` translate.
+
+    y = base(x) + scaling * B(A(dropout(x))),   scaling = alpha / r  (alpha / sqrt(r): rsLoRA)
+
+A starts Kaiming-uniform and B at zero (as PEFT), so a fresh adapter leaves outputs unchanged.
+The base layer runs its own forward (bitsandbytes' `Linear4bit` included) and stays frozen;
+only LoRA parameters are trainable. LoRA weights live in float32 by default whatever the base
+dtype (as PEFT's `autocast_adapter_dtype`): the input is cast to them and the update back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sekft.errors import AdapterError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+# vLLM's default --max-lora-rank; a larger adapter is refused unless the server raises it.
+VLLM_MAX_LORA_RANK = 16
+# Files a merged export copies from the base folder when present, so the export is a complete
+# base of its own (config.json is rewritten, not copied).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """The factor on B @ A: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA (rank-stabilised)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The weight update a LoRA pair adds: `scaling * B @ A`.
+
+    lora_A [r, in], lora_B [out, r] -> [out, in], in float32 whatever their dtype, so merging
+    into a bf16 weight rounds once, at the end.
+    """
+    return scaling * (lora_B.float() @ lora_A.float())
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear layer (its weight carries a quant_state)."""
+    return getattr(getattr(layer, "weight", None), "quant_state", None) is not None
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """A linear layer's weight [out, in] in floating point: bitsandbytes' own dequantization
+    for a 4-bit layer, the weight itself otherwise."""
+    if not is_4bit(layer):
+        return layer.weight.detach()
+    # Imported here: bitsandbytes takes seconds to import and only 4-bit layers need it.
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (`nn.Linear` or bitsandbytes `Linear4bit`) plus a LoRA update.
+
+    `weight`/`bias` are the wrapped layer's own Parameters (no copy), registered here so
+    state_dict keys keep the layer's name. The wrapped layer itself is deliberately not a
+    registered submodule (that would put `base_layer.` into every key); it is kept only to
+    run its forward, and `_apply`, `train` and `_save_to_state_dict` defer to it.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        object.__setattr__(self, "base_layer", base)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.r = r
+        self.alpha = alpha
+        self.rslora = rslora
+        self.scaling = lora_scaling(r, alpha, rslora)
+        device = base.weight.device
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        # nn.Linear already drew A Kaiming-uniform (a=sqrt(5)), as PEFT does.
+        nn.init.zeros_(self.lora_B.weight)
+        self.enabled = True
+        self.merged = False
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or not self.enabled:
+            return result
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return result + (update * self.scaling).to(result.dtype)
+
+    def delta(self) -> torch.Tensor:
+        """This layer's weight update [out, in] in float32 (see `lora_delta`)."""
+        return lora_delta(self.lora_A.weight.detach(), self.lora_B.weight.detach(), self.scaling)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> LoRALinear:
+        # The base layer knows how to move its weight (bitsandbytes moves a Params4bit's
+        # quant_state with it); re-point our registrations at whatever it ends up holding.
+        self.base_layer._apply(fn, recurse)
+        self._parameters["weight"] = self.base_layer.weight
+        self._parameters["bias"] = self.base_layer.bias
+        for child in self.children():
+            child._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True) -> LoRALinear:
+        self.base_layer.train(mode)
+        return super().train(mode)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # Exactly the wrapped layer's entries (a Linear4bit adds its quant_state tensors);
+        # the LoRA children add theirs through the normal recursion.
+        self.base_layer._save_to_state_dict(destination, prefix, keep_vars)
+
+    def extra_repr(self) -> str:
+        kind = "4-bit" if is_4bit(self.base_layer) else str(self.weight.dtype)
+        return (
+            f"in={self.in_features}, out={self.out_features}, base={kind}, r={self.r}, "
+            f"alpha={self.alpha}, rslora={self.rslora}, merged={self.merged}"
+        )
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRA-wrapped layer of `model` by module name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _require_lora(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError(f"{what}: the model has no LoRA layers; call attach_lora first")
+    return modules
+
+
+def _matches(name: str, targets: Iterable[str]) -> str | None:
+    """The target a module name matches, PEFT-style: equal, or ending in '.' + target."""
+    for target in targets:
+        if name == target or name.endswith("." + target):
+            return target
+    return None
+
+
+def find_targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linear]:
+    """The linear layers of `model` that `targets` name (PEFT's suffix rule), by module name.
+
+    Raises AdapterError for a target that matches no module, or matches one that is not a
+    linear layer, naming the target and what the model does have.
+    """
+    targets = list(targets)
+    if not targets:
+        raise AdapterError("LoRA targets are empty: name at least one module, e.g. q_proj")
+    found: dict[str, nn.Linear] = {}
+    hit: set[str] = set()
+    for name, module in model.named_modules():
+        target = _matches(name, targets)
+        if target is None or isinstance(module, LoRALinear):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise AdapterError(
+                f"LoRA target {target!r} matches {name}, a {type(module).__name__}; "
+                "only linear layers (nn.Linear, bitsandbytes Linear4bit) take LoRA"
+            )
+        found[name] = module
+        hit.add(target)
+    missing = [t for t in targets if t not in hit]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, (nn.Linear, LoRALinear))})
+        raise AdapterError(
+            f"unknown LoRA target module(s) {missing}: no module of the model is named so; "
+            f"its linear layers are {linear}"
+        )
+    return found
+
+
+def attach_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    targets: Iterable[str] = DEFAULT_TARGETS,
+    rslora: bool = False,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, LoRALinear]:
+    """Wrap every target linear layer of `model` in a `LoRALinear`, in place.
+
+    Contract:
+    - Every parameter of `model` is frozen; only the new `lora_A`/`lora_B` weights train.
+    - A is initialised as `reset_lora(model, seed)` does and B is zero, so the model's
+      outputs are unchanged until B trains.
+    - LoRA weights are created in `dtype` on each base layer's device.
+    - Raises AdapterError if the model already has LoRA layers, for r < 1 or a dropout outside
+      [0, 1), and for targets that match no linear layer (`find_targets`).
+    Returns the wrapped layers by module name.
+    """
+    if lora_modules(model):
+        raise AdapterError("attach_lora: the model already has LoRA layers; attach once")
+    if not isinstance(r, int) or r < 1:
+        raise AdapterError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    found = find_targets(model, targets)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, layer in found.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(layer, r, alpha, dropout, rslora, dtype))
+    reset_lora(model, seed)
+    return lora_modules(model)
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The LoRA weights of `model` by parameter name (`...q_proj.lora_A.weight`): what an
+    optimizer takes, and all that an adapter file holds."""
+    return {
+        f"{name}.{part}.weight": getattr(module, part).weight
+        for name, module in lora_modules(model).items()
+        for part in ("lora_A", "lora_B")
+    }
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    # A Params4bit stores two 4-bit values per byte; count the weights it stands for.
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the weights they encode."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_logical_numel(p) for p in model.parameters())
+    return trainable, total
+
+
+@torch.no_grad()
+def reset_lora(model: nn.Module, seed: int) -> None:
+    """Re-initialise every adapter as fresh: A Kaiming-uniform (a=sqrt(5), PEFT's and
+    nn.Linear's choice) drawn from `seed` on the CPU so it is the same on any device, B zero.
+
+    Raises AdapterError when the model has no LoRA layers or any is merged.
+    """
+    modules = _require_lora(model, "reset_lora")
+    _refuse_merged(modules, "reset_lora")
+    generator = torch.Generator().manual_seed(seed)
+    for module in modules.values():
+        a = torch.empty(module.lora_A.weight.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        module.lora_A.weight.copy_(a)
+        module.lora_B.weight.zero_()
+
+
+@torch.no_grad()
+def zero_lora(model: nn.Module) -> None:
+    """Set A and B of every adapter to zero: an empty slot that leaves outputs unchanged
+    (and stays zero under training, since each factor's gradient goes through the other;
+    call `reset_lora` before training)."""
+    modules = _require_lora(model, "zero_lora")
+    _refuse_merged(modules, "zero_lora")
+    for module in modules.values():
+        module.lora_A.weight.zero_()
+        module.lora_B.weight.zero_()
+
+
+def _refuse_merged(modules: dict[str, LoRALinear], what: str) -> None:
+    merged = [name for name, m in modules.items() if m.merged]
+    if merged:
+        raise AdapterError(f"{what}: LoRA is merged into {merged[0]} (and others); unmerge first")
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model computes as its base alone (the LoRA branch is skipped).
+
+    Raises AdapterError when the adapters are merged: the base weights then hold them.
+    """
+    modules = _require_lora(model, "lora_disabled")
+    _refuse_merged(modules, "lora_disabled")
+    previous = {name: m.enabled for name, m in modules.items()}
+    for module in modules.values():
+        module.enabled = False
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            module.enabled = previous[name]
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Add each adapter into its float base weight (W += scaling * B @ A), so the forward
+    no longer pays for the LoRA branch. Already-merged layers are left alone.
+
+    4-bit layers cannot be merged in place (requantizing would both lose the update's
+    precision and change the frozen base): use `export_merged` for a merged float checkpoint.
+    """
+    modules = _require_lora(model, "merge_lora")
+    quantized = [name for name, m in modules.items() if is_4bit(m.base_layer)]
+    if quantized:
+        raise AdapterError(
+            f"merge_lora: {quantized[0]} is 4-bit and cannot be merged in place; "
+            "use export_merged to write a merged float checkpoint instead"
+        )
+    for module in modules.values():
+        if not module.merged:
+            module.weight.add_(module.delta().to(module.weight.dtype))
+            module.merged = True
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora` (W -= scaling * B @ A). Exact up to float rounding: in float32 the
+    original weights come back to ~1e-7; in bf16 each merge/unmerge round trip rounds twice."""
+    for module in _require_lora(model, "unmerge_lora").values():
+        if module.merged:
+            module.weight.sub_(module.delta().to(module.weight.dtype))
+            module.merged = False
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` through `write(temp_path)` on a temp file in the same folder, then rename:
+    readers see the old file or the whole new one, never part of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
+
+
+def adapter_config(modules: dict[str, LoRALinear], base_name: str | None) -> dict:
+    """The adapter_config.json PEFT writes for these LoRA layers (LoRA, causal LM, no bias,
+    no DoRA, no modules_to_save). Only fields PEFT has known since 0.10 are written, so older
+    PEFT versions load it too."""
+    first = next(iter(modules.values()))
+    setting = (first.r, first.alpha, first.rslora, first.dropout)
+    for name, m in modules.items():
+        if (m.r, m.alpha, m.rslora, m.dropout) != setting:
+            raise AdapterError(
+                f"LoRA layers disagree: {name} has r={m.r}, alpha={m.alpha}, rslora={m.rslora}, "
+                f"dropout={m.dropout}, unlike the others; PEFT's format holds one setting"
+            )
+    return {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_name,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.dropout,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": first.r,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}),
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": first.rslora,
+    }
+
+
+def vllm_warnings(config: dict, max_lora_rank: int = VLLM_MAX_LORA_RANK) -> list[str]:
+    """Why vLLM would refuse an adapter with this adapter_config.json content (empty: it
+    would load it). `max_lora_rank` is the server's --max-lora-rank (vLLM's default 16)."""
+    found = []
+    if config.get("r", 0) > max_lora_rank:
+        found.append(
+            f"rank r={config['r']} is above vLLM's --max-lora-rank {max_lora_rank}: "
+            f"start vLLM with --max-lora-rank {config['r']} or more"
+        )
+    if config.get("modules_to_save"):
+        found.append(f"modules_to_save={config['modules_to_save']}: vLLM supports none")
+    if config.get("bias", "none") != "none":
+        found.append(f"bias={config['bias']!r}: vLLM needs bias 'none' (or --enable-lora-bias)")
+    if config.get("use_dora"):
+        found.append("use_dora: vLLM does not support DoRA adapters")
+    return found
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    base_name: str | None,
+    max_lora_rank: int = VLLM_MAX_LORA_RANK,
+) -> list[str]:
+    """Write `adapter_model.safetensors` and `adapter_config.json` into `out_dir` as PEFT does.
+
+    Keys are PEFT's (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), the
+    tensors in the LoRA weights' dtype. Each file is written atomically; the weights go
+    first, so a crash between the two leaves either the old pair or new weights with the old
+    config, which `load_adapter` checks against each other. Warns (and returns the messages)
+    where vLLM would refuse the adapter, see `vllm_warnings`.
+    """
+    modules = _require_lora(model, "save_adapter")
+    config = adapter_config(modules, base_name)
+    tensors = {
+        PEFT_PREFIX + name: param.detach().to("cpu").contiguous()
+        for name, param in lora_parameters(model).items()
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(
+        out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
+    _write_json(out_dir / ADAPTER_CONFIG, config)
+    found = vllm_warnings(config, max_lora_rank)
+    for message in found:
+        warnings.warn(f"{out_dir}: vLLM would refuse this adapter: {message}", stacklevel=2)
+    return found
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json of a LoRA adapter folder, checked for what sekft can load."""
+    path = adapter_dir / ADAPTER_CONFIG
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter folder {adapter_dir} does not exist")
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing; an adapter folder holds {ADAPTER_CONFIG} "
+                           f"and {ADAPTER_WEIGHTS} (as PEFT's save_pretrained writes)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e}); re-save the adapter") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if field not in config:
+            raise AdapterError(f"{path}: field {field!r} is missing")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type {config['peft_type']!r}; sekft loads LORA only")
+    if not isinstance(config["r"], int) or config["r"] < 1:
+        raise AdapterError(f"{path}: field 'r' must be a positive integer, got {config['r']!r}")
+    targets = config["target_modules"]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(
+            f"{path}: field 'target_modules' is {targets!r}; sekft needs a list of module "
+            "names (a regex or 'all-linear' is not supported)"
+        )
+    unsupported = {
+        "use_dora": (False, None),
+        "bias": ("none", None),
+        "modules_to_save": (None, []),
+        "fan_in_fan_out": (False, None),
+        "rank_pattern": ({}, None),
+        "alpha_pattern": ({}, None),
+        "layers_to_transform": (None,),
+        "lora_bias": (False, None),
+    }
+    for field, allowed in unsupported.items():
+        if field in config and config[field] not in allowed:
+            raise AdapterError(
+                f"{path}: field {field!r} is {config[field]!r}; sekft supports only "
+                f"{allowed[0]!r} there (plain LoRA on linear layers)"
+            )
+    return config
+
+
+def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors of an adapter folder, keys without PEFT's prefix."""
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        hint = " (a .bin adapter: re-save it with safe_serialization=True)" if (
+            adapter_dir / "adapter_model.bin").is_file() else ""
+        raise AdapterError(f"{path}: missing{hint}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(
+            f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupt, "
+            "re-save or re-download the adapter"
+        ) from e
+    return {key.removeprefix(PEFT_PREFIX): t for key, t in tensors.items()}
+
+
+def _check_adapter_fits(
+    path: Path, config: dict, tensors: dict[str, torch.Tensor], layers: dict[str, nn.Module]
+) -> None:
+    """Raise AdapterError unless `tensors` are exactly a rank-r LoRA pair for each layer."""
+    r = config["r"]
+    base = config.get("base_model_name_or_path")
+    expected = {}
+    for name, layer in layers.items():
+        expected[f"{name}.lora_A.weight"] = (r, layer.in_features)
+        expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise AdapterError(
+            f"{path}: tensor {PEFT_PREFIX}{unknown[0]} matches no LoRA layer of this model "
+            f"({len(unknown)} such); is the adapter for another base (it names {base!r})?"
+        )
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise AdapterError(
+            f"{path}: tensor {PEFT_PREFIX}{missing[0]} is missing ({len(missing)} missing); "
+            "the adapter's target_modules promise it"
+        )
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got == shape:
+            continue
+        rank_dim = 0 if key.endswith("lora_A.weight") else 1
+        if len(got) == 2 and got[rank_dim] != r and got[1 - rank_dim] == shape[1 - rank_dim]:
+            raise AdapterError(
+                f"{path}: rank mismatch: {ADAPTER_CONFIG} says r={r} but tensor "
+                f"{PEFT_PREFIX}{key} has rank {got[rank_dim]}; the two files are not one adapter"
+            )
+        raise AdapterError(
+            f"{path}: tensor {PEFT_PREFIX}{key} has shape {list(got)}, the model needs "
+            f"{list(shape)}: the adapter is for another base (it names {base!r})"
+        )
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
+    """Load a PEFT LoRA adapter folder (ours or PEFT's) into `model`; return its config.
+
+    If `model` has no LoRA layers they are attached as the config asks. If it has (resident
+    slots), their rank and targets must equal the adapter's; alpha and rsLoRA follow the
+    adapter. Everything is checked before anything is written, so a failed load leaves the
+    model as it was. Raises AdapterError naming the file and what is wrong: a missing or
+    corrupt file, an unsupported config, unknown target modules, a rank disagreeing between
+    config and tensors, shapes from another base.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    slots = lora_modules(model)
+    targets = config["target_modules"]
+    if slots:
+        _refuse_merged(slots, "load_adapter")
+        have = sorted({name.rsplit(".", 1)[-1] for name in slots})
+        if have != sorted(set(targets)):
+            raise AdapterError(
+                f"{adapter_dir}: adapter targets {sorted(set(targets))} but the model's LoRA "
+                f"layers are on {have}; attach LoRA with the adapter's targets"
+            )
+        slot_r = next(iter(slots.values())).r
+        if slot_r != config["r"]:
+            raise AdapterError(
+                f"{adapter_dir}: rank mismatch: the adapter has r={config['r']} but the "
+                f"model's LoRA layers have r={slot_r}; attach LoRA with r={config['r']}"
+            )
+        layers: dict[str, nn.Module] = dict(slots)
+    else:
+        layers = dict(find_targets(model, targets))
+    _check_adapter_fits(path, config, tensors, layers)
+    if not slots:
+        slots = attach_lora(
+            model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0) or 0.0,
+            targets, config.get("use_rslora", False),
+        )
+    for name, module in slots.items():
+        module.alpha = config["lora_alpha"]
+        module.rslora = bool(config.get("use_rslora", False))
+        module.scaling = lora_scaling(module.r, module.alpha, module.rslora)
+        module.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
+        module.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
+    return config
+
+
+@torch.no_grad()
+def merged_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's weights with every adapter merged in and 4-bit layers dequantized, under
+    the checkpoint's names, on the CPU, in `dtype` (default: each tensor's own; a 4-bit
+    weight comes back in the dtype it was quantized from). A weight shared by two names
+    (tied embeddings) appears once, under the first name: safetensors stores no aliases,
+    and transformers and our loader re-tie `lm_head` from `tie_word_embeddings`."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    lora = lora_modules(model)
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in lora):
+            continue
+        prefix = f"{name}." if name else ""
+        own = dict(module.named_parameters(recurse=False))
+        own.update(
+            (key, buf) for key, buf in module.named_buffers(recurse=False)
+            if key not in module._non_persistent_buffers_set
+        )
+        if isinstance(module, LoRALinear) or is_4bit(module):
+            base = module.base_layer if isinstance(module, LoRALinear) else module
+            weight = dequantized_weight(base)
+            if isinstance(module, LoRALinear) and not module.merged:
+                delta = module.delta().to(weight.device)
+                weight = (weight.float() + delta).to(weight.dtype)
+            own["weight"] = weight
+        for key, tensor in own.items():
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            tensor = tensor.detach()
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            out[prefix + key] = tensor.to("cpu").contiguous()
+    return out
+
+
+def export_merged(
+    model: nn.Module,
+    out_dir: str | Path,
+    base_dir: str | Path,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a merged float checkpoint folder that our loader and transformers both load.
+
+    `out_dir` gets `model.safetensors` (`merged_state_dict(model, dtype)`), `config.json`
+    (the base's, with `torch_dtype` set to what was written) and the base's tokenizer and
+    template files (`TOKENIZER_FILES`, those present). Each file is written atomically, the
+    weights first. Holds one full float copy of the weights in host memory while writing.
+    """
+    base_dir = Path(base_dir)
+    config_path = base_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError as e:
+        raise AdapterError(
+            f"export_merged: {config_path} is missing; pass the base checkpoint's folder"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"export_merged: {config_path} is not valid JSON ({e})") from e
+    state = merged_state_dict(model, dtype)
+    floats = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(floats) == 1:
+        written = str(next(iter(floats))).removeprefix("torch.")
+        config["torch_dtype"] = written
+        if "dtype" in config:
+            config["dtype"] = written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(
+        out_dir / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+    )
+    _write_json(out_dir / "config.json", config)
+    for name in TOKENIZER_FILES:
+        source = base_dir / name
+        if source.is_file():
+            _atomic_write(out_dir / name, lambda tmp, src=source: shutil.copyfile(src, tmp))
+    return out_dir

@@ -47,7 +47,7 @@ CORPUS = [
     "The answer is 42. Done.",
 ]
 
-KINDS = ("llama", "mistral", "qwen2")
+KINDS = ("llama", "mistral", "qwen2", "qwen3")
 
 # Small but not degenerate: several heads, grouped-query attention (4 query heads share 2
 # key/value heads), two blocks, and weights large enough that attention is not uniform.
@@ -102,6 +102,8 @@ def _hf_config(kind: str, vocab_size: int, tie_embeddings: bool, overrides: dict
         fields["sliding_window"] = 8
     elif kind == "qwen2":
         cls = transformers.Qwen2Config
+    elif kind == "qwen3":
+        cls = transformers.Qwen3Config
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     fields.update(overrides)
@@ -117,7 +119,7 @@ def make_tiny_checkpoint(
     seed: int = 0,
     **config_overrides,
 ) -> Path:
-    """Write a tiny random checkpoint of `kind` ("llama", "mistral", "qwen2") into `folder`.
+    """Write a tiny random checkpoint of `kind` (one of `KINDS`) into `folder`.
 
     Contract:
     - `folder` is created if needed and returned as a Path.
@@ -127,7 +129,8 @@ def make_tiny_checkpoint(
       on tensor boundaries). `tie_embeddings=True` shares `lm_head` with the embeddings, and
       the file then holds no `lm_head.weight`, as on the hub.
     - Config: `BASE_CONFIG` (hidden 64, 2 blocks, 4 heads, 2 key/value heads), mistral with
-      `sliding_window=8`, qwen2 with q/k/v biases (its architecture), then
+      `sliding_window=8`, qwen2 with q/k/v biases and qwen3 with q/k norms (their
+      architectures), then
       `config_overrides` applied last (e.g. `rope_scaling=...`, `num_hidden_layers=3`).
     - Tokenizer: `tokenizer.json` (byte-level BPE, `<|endoftext|>`=0, `<|im_start|>`=1,
       `<|im_end|>`=2, at most `vocab_size` entries, so every id fits the embedding) and

@@ -1,0 +1,473 @@
+"""Our decoder for Llama, Mistral and Qwen2/Qwen3 checkpoints, in plain PyTorch.
+
+Read top to bottom: the config, the math as pure functions (`rms_norm`, `rope_frequencies`,
+`apply_rope`, `attention_mask`), the KV cache, then the modules. Module and parameter names
+equal the Hugging Face checkpoint's tensor names (`model.layers.0.self_attn.q_proj.weight`),
+so loading is a name-to-name copy and LoRA adapters keep Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sekft.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture, normalised from a Hugging Face `config.json`.
+
+    `sliding_windows[i]` is layer i's attention window (a query sees itself and the
+    `window - 1` tokens before it) or None for full causal attention.
+    `rope_scaling` is None or a dict with `rope_type` ("linear" or "llama3") and its fields.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_windows: tuple[int | None, ...]
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, config: dict, source: str = "config.json") -> ModelConfig:
+        """Read a Hugging Face config dict (transformers 4 or 5 layout).
+
+        `source` names the file in ConfigError messages.
+        """
+
+        def field(key: str, kind: type = int, default=None):
+            value = config.get(key)
+            if value is None:
+                if default is not None:
+                    return default
+                raise ConfigError(f"{source}: missing required key {key!r}")
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise ConfigError(f"{source}: {key!r} must be {kind.__name__}, got {value!r}")
+            return value
+
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported; supported: silu")
+        hidden = field("hidden_size")
+        heads = field("num_attention_heads")
+        kv_heads = field("num_key_value_heads", default=heads)
+        if heads % kv_heads:
+            raise ConfigError(
+                f"{source}: num_attention_heads {heads} is not a multiple of "
+                f"num_key_value_heads {kv_heads}"
+            )
+        head_dim = config.get("head_dim") or hidden // heads
+        layers = field("num_hidden_layers")
+        rope_theta, rope_scaling = _rope_config(config, source)
+        is_qwen = model_type in ("qwen2", "qwen3")
+        return cls(
+            model_type=model_type,
+            vocab_size=field("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=field("intermediate_size"),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=field("rms_norm_eps", float),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; its config does not say so.
+            attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            sliding_windows=_sliding_windows(config, model_type, layers, is_qwen),
+            max_position_embeddings=field("max_position_embeddings", default=4096),
+        )
+
+
+def _rope_config(config: dict, source: str) -> tuple[float, dict | None]:
+    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`."""
+    params = config.get("rope_parameters") or {}
+    if "full_attention" in params:
+        raise ConfigError(f"{source}: per-layer rope_parameters are not supported")
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    scaling = dict(config.get("rope_scaling") or params)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"{source}: rope type {rope_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return theta, None
+    needed = ["factor"] + (
+        ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+        if rope_type == "llama3"
+        else []
+    )
+    for key in needed:
+        if key not in scaling:
+            raise ConfigError(f"{source}: rope scaling of type {rope_type!r} lacks {key!r}")
+    return theta, {"rope_type": rope_type, **{key: scaling[key] for key in needed}}
+
+
+def _sliding_windows(
+    config: dict, model_type: str, layers: int, is_qwen: bool
+) -> tuple[int | None, ...]:
+    window = config.get("sliding_window")
+    if model_type == "mistral":
+        return (window,) * layers
+    if is_qwen and config.get("use_sliding_window") and window:
+        # Qwen applies the window from layer `max_window_layers` on, as transformers does.
+        types = config.get("layer_types") or [
+            "sliding_attention"
+            if i >= config.get("max_window_layers", layers)
+            else "full_attention"
+            for i in range(layers)
+        ]
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (None,) * layers
+
+
+# ---- math -------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square norm over the last dim, computed in float32, as Llama does.
+
+    x: [..., H], weight: [H] -> [..., H] in x's dtype (then scaled by weight).
+    """
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: dict | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """RoPE inverse frequencies, float32 [head_dim // 2].
+
+    inv_freq[i] = theta ** (-2i / head_dim); `linear` scaling divides them all by `factor`;
+    `llama3` divides the low frequencies (wavelength > original_len / low_freq_factor) by
+    `factor`, keeps the high ones (wavelength < original_len / high_freq_factor), and
+    interpolates smoothly in between.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    old_len = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for `position_ids` [B, T]: each float32 [B, T, head_dim].
+
+    The two halves of the head dim share frequencies (the "rotate half" layout of HF
+    checkpoints, not interleaved pairs).
+    """
+    angles = position_ids.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, D] by position: x * cos + rotate_half(x) * sin; cos/sin [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def attention_mask(
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, T, S], True where query t may attend key s.
+
+    q_index [T] and k_index [S] are places in the sequence (cache slots, not position ids).
+    A query sees keys at or before it; with `window`, only the `window` most recent ones
+    (itself included: q - k < window, as transformers' Mistral); with document ids
+    q_doc [B, T] / k_doc [B, S], only keys of its own document.
+    """
+    distance = q_index[:, None] - k_index[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < window)
+    allowed = allowed[None, None]
+    if q_doc is not None:
+        allowed = allowed & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
+    return allowed
+
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] restarting at 0 wherever the document id changes along a row."""
+    T = doc_ids.shape[1]
+    index = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+# ---- cache ------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for generation.
+
+    Grows by concatenation: simple, and each step's copy is small next to the forward.
+    When a forward with a cache gets `doc_ids`, every forward on that cache must: the
+    cache keeps the keys' document ids so a left-padded batch can give padding its own id.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.doc_ids: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """How many tokens the cache holds."""
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's k, v [B, kv_heads, T, D] for `layer`; return all of them."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+# ---- modules ----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+@dataclass
+class _Step:
+    """What every block of one forward shares: rope tables, masks, the cache."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    masks: dict[int | None, torch.Tensor | None]
+    is_causal: bool
+    cache: KVCache | None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        c = config
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.window = c.sliding_windows[layer]
+        bias = c.attention_bias
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.qk_norm = c.qk_norm
+
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), step.cos, step.sin)
+        k = apply_rope(k.transpose(1, 2), step.cos, step.sin)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, k, v)
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:
+            # Grouped-query attention: each key/value head serves `group` query heads.
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=step.masks[self.window], is_causal=step.is_causal
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: down(silu(gate(x)) * up(x))."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """The `model.` prefix of checkpoint names: embeddings, blocks, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    """A causal LM: `forward(input_ids) -> logits`, with packing, a KV cache and grad_ckpt.
+
+    `grad_ckpt = True` recomputes each block's activations in the backward pass instead of
+    keeping them (torch.utils.checkpoint per block) when training with grad enabled.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.grad_ckpt = False
+
+    def output_weight(self) -> torch.Tensor:
+        """The lm_head weight [V, H] (the embedding matrix itself when tied)."""
+        return self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for input_ids [B, T]; arguments as in `hidden`."""
+        return self.lm_head(self.hidden(input_ids, position_ids, doc_ids, cache))
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] for input_ids [B, T].
+
+        position_ids [B, T]: RoPE positions; by default they continue from the cache
+        (0..T-1 without one), restarting at each document when doc_ids are given and
+        there is no cache. doc_ids [B, T]: tokens attend only to tokens of the same id
+        (packed sequences; padding). cache: extended in place with this step's keys/values.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if doc_ids is not None and past == 0:
+                position_ids = positions_from_doc_ids(doc_ids)
+            else:
+                position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+        k_doc = doc_ids
+        if cache is not None:
+            if (doc_ids is None) != (cache.doc_ids is None) and past > 0:
+                raise ValueError("pass doc_ids on every forward of a cache, or on none")
+            if doc_ids is not None:
+                if cache.doc_ids is not None:
+                    k_doc = torch.cat([cache.doc_ids, doc_ids], dim=1)
+                cache.doc_ids = k_doc
+
+        x = self.model.embed_tokens(input_ids)
+        inv_freq = rope_frequencies(
+            self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, device
+        )
+        cos, sin = rope_cos_sin(inv_freq, position_ids)
+        step = self._step(cos.to(x.dtype), sin.to(x.dtype), past, doc_ids, k_doc, cache)
+        checkpointing = self.grad_ckpt and self.training and torch.is_grad_enabled()
+        for block in self.model.layers:
+            if checkpointing:
+                x = checkpoint(block, x, step, use_reentrant=False)
+            else:
+                x = block(x, step)
+        return self.model.norm(x)
+
+    def _step(self, cos, sin, past, q_doc, k_doc, cache) -> _Step:
+        T, device = cos.shape[1], cos.device
+        S = past + T
+        masks: dict[int | None, torch.Tensor | None] = {}
+        # The window only bites when some query is `window` or more slots after a key.
+        windows = {w if w is not None and w < S else None for w in self.config.sliding_windows}
+        plain = q_doc is None and windows == {None}
+        if plain and (past == 0 or T == 1):
+            # Fast paths: SDPA's own causal kernel, or one new token that sees everything.
+            return _Step(cos, sin, dict.fromkeys(self.config.sliding_windows), past == 0, cache)
+        q_index = torch.arange(past, S, device=device)
+        k_index = torch.arange(S, device=device)
+        for w in self.config.sliding_windows:
+            window = w if w is not None and w < S else None
+            masks[w] = attention_mask(q_index, k_index, q_doc, k_doc, window)
+        return _Step(cos, sin, masks, False, cache)

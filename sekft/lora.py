@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sekft.errors import AdapterError
+from sekft.quant import dequantized_weight, is_4bit
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -68,22 +69,6 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
     into a bf16 weight rounds once, at the end.
     """
     return scaling * (lora_B.float() @ lora_A.float())
-
-
-def is_4bit(layer: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit linear layer (its weight carries a quant_state)."""
-    return getattr(getattr(layer, "weight", None), "quant_state", None) is not None
-
-
-def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """A linear layer's weight [out, in] in floating point: bitsandbytes' own dequantization
-    for a 4-bit layer, the weight itself otherwise."""
-    if not is_4bit(layer):
-        return layer.weight.detach()
-    # Imported here: bitsandbytes takes seconds to import and only 4-bit layers need it.
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
 
 class LoRALinear(nn.Module):
@@ -630,7 +615,9 @@ def merged_state_dict(
     (tied embeddings) appears once, under the first name: safetensors stores no aliases,
     and transformers and our loader re-tie `lm_head` from `tie_word_embeddings`."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()
+    }
     lora = lora_modules(model)
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in lora):
@@ -649,9 +636,8 @@ def merged_state_dict(
                 weight = (weight.float() + delta).to(weight.dtype)
             own["weight"] = weight
         for key, tensor in own.items():
-            if tensor is None or id(tensor) in seen:
+            if tensor is None or prefix + key in aliases:
                 continue
-            seen.add(id(tensor))
             tensor = tensor.detach()
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)

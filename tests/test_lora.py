@@ -34,6 +34,7 @@ from sekft.lora import (
     vllm_warnings,
     zero_lora,
 )
+from sekft.quant import dequantized_weight
 
 HIDDEN, FFN, KV = 16, 24, 8
 
@@ -399,7 +400,7 @@ def test_4bit_lora_matches_float_lora_on_the_dequantized_weights() -> None:
     reference = toy()  # same seed: same embeddings, norms, biases, lm_head
     with torch.no_grad():
         for name, module in lora.lora_modules(quantized).items():
-            reference.get_submodule(name).weight.copy_(lora.dequantized_weight(module.base_layer))
+            reference.get_submodule(name).weight.copy_(dequantized_weight(module.base_layer))
     attach_lora(reference, r=2, alpha=4)
     reference.load_state_dict(lora_parameters(quantized), strict=False)
     torch.testing.assert_close(quantized(ids()), reference(ids()), rtol=1e-5, atol=1e-5)

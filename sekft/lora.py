@@ -235,11 +235,20 @@ def attach_lora(
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in found.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(layer, r, alpha, dropout, rslora, dtype))
+        model.set_submodule(name, LoRALinear(layer, r, alpha, dropout, rslora, dtype))
     reset_lora(model, seed)
     return lora_modules(model)
+
+
+def detach_lora(model: nn.Module) -> None:
+    """Put every wrapped layer back as it was, dropping the LoRA weights (unmerged first if
+    merged), e.g. before a resident base takes adapters of another rank or targets. The base
+    stays frozen. A model without LoRA layers is left as it is."""
+    modules = lora_modules(model)
+    if modules:
+        unmerge_lora(model)
+    for name, module in modules.items():
+        model.set_submodule(name, module.base_layer)
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -575,17 +584,19 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     targets = config["target_modules"]
     if slots:
         _refuse_merged(slots, "load_adapter")
-        have = sorted({name.rsplit(".", 1)[-1] for name in slots})
-        if have != sorted(set(targets)):
+        covered = {name for name in slots if _matches(name, targets)}
+        idle = [t for t in targets if not any(_matches(name, [t]) for name in slots)]
+        if covered != set(slots) or idle:
+            have = sorted({name.rsplit(".", 1)[-1] for name in slots})
             raise AdapterError(
                 f"{adapter_dir}: adapter targets {sorted(set(targets))} but the model's LoRA "
-                f"layers are on {have}; attach LoRA with the adapter's targets"
+                f"layers are on {have}; detach_lora first, or attach the adapter's targets"
             )
         slot_r = next(iter(slots.values())).r
         if slot_r != config["r"]:
             raise AdapterError(
                 f"{adapter_dir}: rank mismatch: the adapter has r={config['r']} but the "
-                f"model's LoRA layers have r={slot_r}; attach LoRA with r={config['r']}"
+                f"model's LoRA layers have r={slot_r}; detach_lora first, or attach r={config['r']}"
             )
         layers: dict[str, nn.Module] = dict(slots)
     else:

@@ -23,6 +23,7 @@ from sekft.lora import (
     LoRALinear,
     attach_lora,
     count_parameters,
+    detach_lora,
     load_adapter,
     lora_disabled,
     lora_parameters,
@@ -621,3 +622,42 @@ def test_a_failed_load_leaves_the_model_untouched(tmp_path) -> None:
     with pytest.raises(AdapterError):
         load_adapter(model, folder)
     assert not lora.lora_modules(model)
+
+
+def test_detach_lora_gives_back_the_original_layers() -> None:
+    model = toy()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    before = model(ids())
+    attach_lora(model, r=2, alpha=4)
+    randomize_lora(model)
+    merge_lora(model)
+    detach_lora(model)
+    assert model.model.layers[0].self_attn.q_proj is q_proj
+    assert not lora.lora_modules(model)
+    torch.testing.assert_close(model(ids()), before, rtol=0, atol=1e-5)
+
+
+def test_resident_slots_can_switch_rank_by_detaching(tmp_path) -> None:
+    _, folder = saved(tmp_path)  # r=4
+    resident = toy()
+    attach_lora(resident, r=2, alpha=4)
+    detach_lora(resident)
+    load_adapter(resident, folder)
+    assert {m.r for m in lora.lora_modules(resident).values()} == {4}
+
+
+def test_resident_slots_on_other_targets_are_rejected(tmp_path) -> None:
+    _, folder = saved(tmp_path)
+    resident = toy()
+    attach_lora(resident, r=4, alpha=4, targets=["q_proj", "v_proj"])
+    with pytest.raises(AdapterError, match="detach_lora first"):
+        load_adapter(resident, folder)
+
+
+def test_adapter_targets_may_be_dotted_suffixes_as_in_peft(tmp_path) -> None:
+    model, adapted = trained_toy(tmp_path, targets=["q_proj"])
+    save_adapter(model, tmp_path, None)
+    edit_config(tmp_path, target_modules=["self_attn.q_proj"])
+    fresh = toy()
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(ids()), adapted, rtol=0, atol=0)

@@ -1,0 +1,314 @@
+"""Render chat sessions with a model's own chat template, exactly as transformers does.
+
+`ChatTemplate.render(messages, add_generation_prompt)` equals transformers'
+`tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` byte for
+byte: the same sandboxed jinja2 environment (trim_blocks, lstrip_blocks, loop controls), the
+same globals and filters (`raise_exception`, `strftime_now`, `tojson(ensure_ascii=False, ...)`,
+`dict`, `namespace`), the named special tokens passed as template variables, `tools` and
+`documents` passed as None, and message keys whose value is None dropped.
+
+`normalize_for_template` is the canonical form sekft trains on; a server must apply it too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from sekft.errors import TemplateError
+from sekft.tokenizer import load_special_tokens, read_json
+
+# Special tokens that close a turn in the templates sekft knows; the eos token is added per model.
+END_OF_TURN_TOKENS = ("</s>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+# What joins two merged turns, and what joins a folded system turn to the first user turn.
+TURN_JOINER = "\n"
+SYSTEM_JOINER = "\n\n"
+
+
+class GenerationTag(jinja2.ext.Extension):
+    """Accept transformers' `{% generation %}...{% endgeneration %}` and render its body as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+def raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def tojson(x: object, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # jinja's own tojson escapes HTML characters; transformers replaces it with plain json.dumps.
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+class TemplateDict:
+    """`dict(...)` for templates without exposing the dict type itself to the sandbox."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class TemplateNamespace(jinja2.utils.Namespace):
+    """jinja's namespace, refusing underscore attributes (as transformers does)."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            TemplateNamespace.check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        TemplateNamespace.check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot store underscore attributes on a namespace: {name!r}"
+            )
+
+
+class Sandbox(ImmutableSandboxedEnvironment):
+    """jinja's immutable sandbox, with its attribute-safety verdicts memoized.
+
+    The verdict depends only on the object's type, the attribute name and the value's type
+    (jinja checks isinstance against fixed type lists and the name), so caching on those is
+    exact; it saves most of a render's time on templates that read `loop.first` per message.
+    """
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.safe_attributes: dict[tuple[type, str, type], bool] = {}
+
+    def is_safe_attribute(self, obj, attr, value) -> bool:
+        key = (type(obj), attr, type(value))
+        verdict = self.safe_attributes.get(key)
+        if verdict is None:
+            verdict = self.safe_attributes[key] = super().is_safe_attribute(obj, attr, value)
+        return verdict
+
+
+@lru_cache(maxsize=64)
+def compile_template(source: str) -> jinja2.Template:
+    """Compile a chat template source once; later calls with the same source reuse it."""
+    env = Sandbox(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise TemplateError(
+            f"chat template line {e.lineno}: {e.message}; fix the template or pick another"
+        ) from e
+
+
+def template_messages(messages: Sequence[Mapping]) -> list[Mapping]:
+    """`messages` as the template sees them: keys whose value is None dropped (as transformers).
+
+    Messages without None values are passed as they are: the immutable sandbox keeps the
+    template from changing them.
+    """
+    return [
+        {k: v for k, v in m.items() if v is not None} if None in m.values() else m
+        for m in messages
+    ]
+
+
+class ChatTemplate:
+    """A compiled chat template plus the special tokens it is rendered with.
+
+    `special_tokens` are the named tokens ({"bos_token": "<s>", ...}); `clock` gives the time
+    `strftime_now` formats (Llama 3.x writes today's date), so tests and long runs can fix it.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        special_tokens: Mapping[str, str] | None = None,
+        clock: Callable[[], datetime] = datetime.now,
+    ):
+        self.source = source
+        self.special_tokens = dict(special_tokens or {})
+        self.clock = clock
+        self.compiled = compile_template(source)
+        eos = self.special_tokens.get("eos_token")
+        known = [t for t in END_OF_TURN_TOKENS if t in source]
+        self.end_of_turn_strings: tuple[str, ...] = tuple(
+            dict.fromkeys(known + ([eos] if eos else []))
+        )
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        name: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+    ) -> ChatTemplate:
+        """The chat template saved in `folder` (or a `.jinja` / `tokenizer_config.json` file).
+
+        Looks where transformers looks: `chat_template.jinja` and
+        `additional_chat_templates/*.jinja` first, else `tokenizer_config.json`'s
+        `chat_template` (a string or a list of named templates). `name` picks a named
+        template; without it the default one. Special tokens come from the folder unless given.
+        """
+        path = Path(folder)
+        templates = find_templates(path)
+        token_folder = path if path.is_dir() else path.parent
+        if special_tokens is None:
+            special_tokens = load_special_tokens(token_folder)
+        if not templates:
+            raise TemplateError(
+                f"{path}: no chat template (chat_template.jinja or tokenizer_config.json "
+                "'chat_template'); pass --template with the model's template"
+            )
+        wanted = name or "default"
+        if wanted not in templates:
+            if name is None and len(templates) == 1:
+                wanted = next(iter(templates))
+            else:
+                raise TemplateError(
+                    f"{path}: no chat template named {wanted!r}; available: {sorted(templates)}"
+                )
+        return cls(templates[wanted], special_tokens)
+
+    def render(
+        self, messages: Sequence[Mapping], add_generation_prompt: bool = False, **variables
+    ) -> str:
+        """The template's text for `messages`; raises TemplateError naming the turn it fails at."""
+        try:
+            return self.render_raw(messages, add_generation_prompt, **variables)
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError) as e:
+            turn = self.failing_turn(messages, add_generation_prompt, **variables)
+            where = f"turn {turn} (role {messages[turn].get('role')!r})" if turn < len(
+                messages
+            ) else "the generation prompt"
+            raise TemplateError(
+                f"chat template failed at {where}: {e}; make roles alternate as the template "
+                "expects (normalize_for_template folds system and merges same-role turns)"
+            ) from e
+
+    def render_raw(
+        self, messages: Sequence[Mapping], add_generation_prompt: bool = False, **variables
+    ) -> str:
+        """`render` without the error translation: jinja's exceptions propagate."""
+        context = {**self.special_tokens, **variables}
+        context.setdefault("strftime_now", self.strftime_now)
+        return self.compiled.render(
+            messages=template_messages(messages),
+            tools=context.pop("tools", None),
+            documents=context.pop("documents", None),
+            add_generation_prompt=add_generation_prompt,
+            **context,
+        )
+
+    def strftime_now(self, format: str) -> str:
+        return self.clock().strftime(format)
+
+    def failing_turn(self, messages: Sequence[Mapping], add_generation_prompt: bool, **variables):
+        """Index of the first message whose inclusion makes the render fail (len if none does)."""
+        for end in range(1, len(messages) + 1):
+            try:
+                self.render_raw(messages[:end], False, **variables)
+            except Exception:
+                return end - 1
+        return len(messages)
+
+
+def find_templates(path: Path) -> dict[str, str]:
+    """All chat templates saved at `path` (folder or file), by name; "default" is the main one."""
+    if path.is_file():
+        if path.suffix == ".jinja":
+            return {"default": path.read_text(encoding="utf-8")}
+        return config_templates(path)
+    templates: dict[str, str] = {}
+    if (path / "chat_template.jinja").is_file():
+        templates["default"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    extra = path / "additional_chat_templates"
+    if extra.is_dir():
+        for file in sorted(extra.glob("*.jinja")):
+            templates[file.stem] = file.read_text(encoding="utf-8")
+    if templates:
+        return templates
+    config = path / "tokenizer_config.json"
+    return config_templates(config) if config.is_file() else {}
+
+
+def config_templates(config_path: Path) -> dict[str, str]:
+    """The `chat_template` field of a tokenizer_config.json, as {name: source}."""
+    value = read_json(config_path).get("chat_template")
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    def named(t: object) -> bool:
+        return isinstance(t, dict) and all(isinstance(t.get(k), str) for k in ("name", "template"))
+
+    if isinstance(value, list) and all(named(t) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise TemplateError(
+        f"{config_path}: field 'chat_template' must be a string or a list of "
+        "{'name', 'template'} objects"
+    )
+
+
+def join_contents(first: str, second: str, joiner: str) -> str:
+    """`first` + `joiner` + `second`, without the joiner when either side is empty."""
+    if not first:
+        return second
+    if not second:
+        return first
+    return first + joiner + second
+
+
+def normalize_for_template(messages: Sequence[Mapping]) -> list[dict]:
+    """The canonical session sekft trains on, and a server must send: [{role, content}, ...].
+
+    Rules, in order:
+    1. consecutive turns with the same role merge into one, contents joined by TURN_JOINER
+       ("\\n") — e.g. two environment outputs in a row become one user turn;
+    2. a leading `system` turn folds into the first `user` turn after it, as
+       system + SYSTEM_JOINER ("\\n\\n") + user; with no user turn after it, it becomes a user
+       turn itself.
+    An empty content joins without a joiner. Only `role` and `content` are kept; later `system`
+    turns are left for the template to handle. The result is a fixed point: normalizing it again
+    changes nothing.
+    """
+    merged: list[dict] = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if merged and merged[-1]["role"] == role:
+            merged[-1]["content"] = join_contents(merged[-1]["content"], content, TURN_JOINER)
+        else:
+            merged.append({"role": role, "content": content})
+    if not merged or merged[0]["role"] != "system":
+        return merged
+    system, rest = merged[0], merged[1:]
+    if rest and rest[0]["role"] == "user":
+        content = join_contents(system["content"], rest[0]["content"], SYSTEM_JOINER)
+        return [{"role": "user", "content": content}, *rest[1:]]
+    return [{"role": "user", "content": system["content"]}, *rest]

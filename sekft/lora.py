@@ -8,6 +8,9 @@ adapter adds `lora_A.weight` (r x in) and `lora_B.weight` (out x r) next to them
 the same tensors `base_model.model.` + our name, which is all `save_adapter` and
 `load_adapter` translate.
 
+    python -m sekft.lora check ADAPTER            # can sekft and vLLM load it?
+    python -m sekft.lora merge --base BASE --adapter ADAPTER --out DIR
+
     y = base(x) + scaling * B(A(dropout(x))),   scaling = alpha / r  (alpha / sqrt(r): rsLoRA)
 
 A starts Kaiming-uniform and B at zero (as PEFT), so a fresh adapter leaves outputs unchanged.
@@ -18,10 +21,12 @@ dtype (as PEFT's `autocast_adapter_dtype`): the input is cast to them and the up
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sekft.errors import AdapterError
+from sekft.errors import AdapterError, run_cli
 from sekft.quant import dequantized_weight, is_4bit
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -697,3 +702,67 @@ def export_merged(
         if source.is_file():
             _atomic_write(out_dir / name, lambda tmp, src=source: shutil.copyfile(src, tmp))
     return out_dir
+
+
+def check_adapter(adapter_dir: str | Path, max_lora_rank: int = VLLM_MAX_LORA_RANK) -> list[str]:
+    """Check an adapter folder on its own (no model): its config is one sekft loads and its
+    tensors are LoRA pairs of the config's rank. Raises AdapterError if not; returns why vLLM
+    would refuse it (`vllm_warnings`)."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not tensors:
+        raise AdapterError(f"{path}: holds no tensors")
+    for key, tensor in tensors.items():
+        part = key.split(".")[-2] if key.endswith(".weight") else None
+        if part not in ("lora_A", "lora_B") or tensor.dim() != 2:
+            raise AdapterError(f"{path}: tensor {PEFT_PREFIX}{key} is not a LoRA A or B matrix")
+        rank = tensor.shape[0] if part == "lora_A" else tensor.shape[1]
+        if rank != config["r"]:
+            raise AdapterError(
+                f"{path}: rank mismatch: {ADAPTER_CONFIG} says r={config['r']} but tensor "
+                f"{PEFT_PREFIX}{key} has rank {rank}"
+            )
+    return vllm_warnings(config, max_lora_rank)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sekft.lora", description="Check a LoRA adapter, or merge it into its base."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="check an adapter folder, say if vLLM would load it")
+    check.add_argument("adapter", help=f"folder with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    check.add_argument("--max-lora-rank", type=int, default=VLLM_MAX_LORA_RANK,
+                       help="the vLLM server's --max-lora-rank (default %(default)s)")
+    merge = commands.add_parser("merge", help="write base + adapter as one float checkpoint")
+    merge.add_argument("--base", required=True, help="checkpoint folder or org/name in HF cache")
+    merge.add_argument("--adapter", required=True, help="adapter folder")
+    merge.add_argument("--out", required=True, help="output checkpoint folder")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                       help="dtype of the written weights (default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        config = read_adapter_config(Path(args.adapter))
+        found = check_adapter(args.adapter, args.max_lora_rank)
+        print(f"{args.adapter}: LoRA r={config['r']} alpha={config['lora_alpha']} "
+              f"targets={sorted(config['target_modules'])}: sekft loads it")
+        for message in found:
+            print(f"vLLM would refuse it: {message}")
+        return 0
+    # Imported here: the loader is only needed to merge, and lora sits below it otherwise.
+    from sekft.base import load_base
+
+    dtype = getattr(torch, args.dtype)
+    # Read in the output dtype (a 7B base in float32 would need 28 GB); the update itself is
+    # computed in float32 and rounded once.
+    base = load_base(args.base, dtype=dtype, device="cpu")
+    load_adapter(base.model, args.adapter)
+    out = export_merged(base.model, args.out, base.path, dtype)
+    print(f"{out}: merged {args.adapter} into {base.path} ({args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli("sekft.lora", main))

@@ -661,3 +661,38 @@ def test_adapter_targets_may_be_dotted_suffixes_as_in_peft(tmp_path) -> None:
     fresh = toy()
     load_adapter(fresh, tmp_path)
     torch.testing.assert_close(fresh(ids()), adapted, rtol=0, atol=0)
+
+
+# Command line
+
+
+def test_check_adapter_finds_a_rank_mismatch_without_a_model(tmp_path) -> None:
+    _, folder = saved(tmp_path)
+    edit_config(folder, r=2)
+    with pytest.raises(AdapterError, match="rank mismatch.*r=2.*rank 4"):
+        lora.check_adapter(folder)
+
+
+def test_check_command_says_when_vllm_would_refuse(tmp_path, capsys) -> None:
+    model, _ = trained_toy(tmp_path, r=32)
+    with pytest.warns(UserWarning):
+        save_adapter(model, tmp_path, None)
+    assert lora.main(["check", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "r=32" in out and "vLLM would refuse it: rank r=32" in out
+    assert lora.main(["check", str(tmp_path), "--max-lora-rank", "64"]) == 0
+    assert "refuse" not in capsys.readouterr().out
+
+
+def test_cli_bad_adapter_is_one_line_on_stderr_and_exit_1(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / ADAPTER_CONFIG).write_text("{not json")
+    done = subprocess.run(
+        [sys.executable, "-m", "sekft.lora", "check", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert f"{ADAPTER_CONFIG}: not valid JSON" in done.stderr

@@ -145,3 +145,17 @@ def test_4bit_base_backward_reaches_lora_only_and_leaves_storage_unchanged(tiny_
     state = model.state_dict()
     for key, value in frozen.items():
         assert torch.equal(state[key], value), key
+
+
+def test_merge_command_writes_a_checkpoint_transformers_loads(tiny_llama, tmp_path) -> None:
+    from sekft.lora import main
+
+    base = load_base(tiny_llama, dtype=torch.float32, device="cpu")
+    attach_lora(base.model, r=4, alpha=8, targets=["v_proj", "gate_proj"])
+    trained_lora(base.model)
+    save_adapter(base.model, tmp_path / "adapter", str(tiny_llama))
+    adapted = our_logits(base.model)
+    argv = ["merge", "--base", str(tiny_llama), "--adapter", str(tmp_path / "adapter"),
+            "--out", str(tmp_path / "merged"), "--dtype", "float32"]
+    assert main(argv) == 0
+    torch.testing.assert_close(hf_logits(hf_model(tmp_path / "merged")), adapted, **TOL)

@@ -8,15 +8,15 @@ adapter adds `lora_A.weight` (r x in) and `lora_B.weight` (out x r) next to them
 the same tensors `base_model.model.` + our name, which is all `save_adapter` and
 `load_adapter` translate.
 
-    python -m sekft.lora check ADAPTER            # can sekft and vLLM load it?
-    python -m sekft.lora merge --base BASE --adapter ADAPTER --out DIR
-
     y = base(x) + scaling * B(A(dropout(x))),   scaling = alpha / r  (alpha / sqrt(r): rsLoRA)
 
 A starts Kaiming-uniform and B at zero (as PEFT), so a fresh adapter leaves outputs unchanged.
 The base layer runs its own forward (bitsandbytes' `Linear4bit` included) and stays frozen;
 only LoRA parameters are trainable. LoRA weights live in float32 by default whatever the base
 dtype (as PEFT's `autocast_adapter_dtype`): the input is cast to them and the update back.
+
+    python -m sekft.lora check ADAPTER     # does sekft load it, would vLLM?
+    python -m sekft.lora merge --base BASE --adapter ADAPTER --out DIR   # one float checkpoint
 """
 
 from __future__ import annotations

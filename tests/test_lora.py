@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -197,6 +199,22 @@ def test_lora_weights_default_to_float32_and_cast_back_to_the_input_dtype() -> N
     layer = LoRALinear(base, r=2, alpha=2)
     assert layer.lora_A.weight.dtype == torch.float32
     assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    in_features=st.integers(1, 12), out_features=st.integers(1, 12), r=st.integers(1, 6),
+    alpha=st.floats(0.5, 64), rslora=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_forward_equals_the_merged_linear_map(in_features, out_features, r, alpha, rslora, seed):
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(in_features, out_features), r, alpha, rslora=rslora)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, in_features)
+    scaling = alpha / (math.sqrt(r) if rslora else r)
+    merged = layer.weight + scaling * layer.lora_B.weight @ layer.lora_A.weight
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, merged, layer.bias),
+                               rtol=1e-4, atol=1e-4)
 
 
 # Attach

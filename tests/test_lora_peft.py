@@ -159,3 +159,20 @@ def test_merge_command_writes_a_checkpoint_transformers_loads(tiny_llama, tmp_pa
             "--out", str(tmp_path / "merged"), "--dtype", "float32"]
     assert main(argv) == 0
     torch.testing.assert_close(hf_logits(hf_model(tmp_path / "merged")), adapted, **TOL)
+
+
+def test_merging_into_a_memory_mapped_base_leaves_the_checkpoint_file_alone(
+    tiny_llama, tmp_path
+) -> None:
+    import hashlib
+    import shutil
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "base")
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    base = load_base(folder, dtype=torch.float32, device="cpu")  # stored dtype: stays mapped
+    attach_lora(base.model, r=4, alpha=8)
+    trained_lora(base.model)
+    merge_lora(base.model)
+    del base
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest

@@ -1,0 +1,369 @@
+"""The sandbox every scenario command runs in: bubblewrap around a fresh world folder.
+
+What the model's processes get (see sekft/scenario.py for the world layout they see):
+- the world's five entries bound read-write; /usr, a small allow-list of /etc files and the
+  harness's /opt/sekft read-only; /, /etc and /dev remounted read-only, so the world is the
+  only writable place;
+- new user, pid, network, ipc, uts and cgroup namespaces (`--unshare-all`): no network at
+  all (not even the host's loopback), no host processes, uid 1000 with no capabilities;
+- nothing of the host's home, /root, /tmp or secrets: /etc/shadow and friends are simply not
+  bound, and /etc/passwd is our own two-line file;
+- resource limits set inside the namespace (`ulimit`), so they bind the sandbox without
+  counting the host user's own processes: processes, file size, address space, CPU time;
+- `--die-with-parent`: when the harness kills the sandbox's outer process, every process in
+  the sandbox's pid namespace dies with it;
+- run as root, the harness starts bubblewrap as uid 65534 (nobody), because the process
+  limit does not bind namespaces owned by root (see `sandbox_host_id`).
+
+Each sandbox lives in its own temp folder (world/, harness/, staged/); scenario folders and
+transcripts are staged (copied) there so the unprivileged uid can read them.
+
+bubblewrap is the `bubblewrap` package on Debian/Ubuntu/Fedora/Arch. Without it, callers
+must pass `sandbox=False` (`--no-sandbox`): commands then run on this machine as you, with
+only the resource limits, and the CLI says so loudly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sekft.errors import SandboxError, ScenarioError
+from sekft.scenario import WORLD_ENTRIES
+
+USER = "user"
+UID = 1000
+HOSTNAME = "sandbox"
+HOME = f"/home/{USER}"
+HARNESS_DIR = "/opt/sekft"
+SCENARIO_DIR = f"{HARNESS_DIR}/scenario"
+TRANSCRIPT_PATH = f"{HARNESS_DIR}/transcript.json"
+UNPRIVILEGED_ID = 65534
+
+# Where each world entry is bound inside the sandbox.
+WORLD_MOUNTS = {
+    "home": HOME,
+    "local": "/usr/local",
+    "mail": "/var/mail",
+    "tmp": "/tmp",
+    "motd": "/etc/motd",
+}
+assert tuple(WORLD_MOUNTS) == WORLD_ENTRIES
+
+# Host /etc entries the tools need (dynamic linker, Debian alternatives such as awk, man-db,
+# locale data); bound read-only when present. Everything else in /etc stays out.
+ETC_ALLOW = (
+    "alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone",
+    "nsswitch.conf", "manpath.config", "groff", "terminfo", "inputrc", "magic", "magic.mime",
+    "mime.types", "protocols", "services", "ssl", "ca-certificates", "perl", "python3",
+    "vim", "debian_version", "os-release",
+)
+
+# The panic command the harness puts on PATH. It writes a marker the shell reader looks for
+# to the terminal itself (so redirecting its stdout cannot hide it); the reader then ends the
+# episode. The two control characters make an accidental match practically impossible.
+PANIC_MARKER = b"\x1eSEKFT-PANIC "
+PANIC_END = b"\x1f"
+PANIC_SCRIPT = r"""#!/bin/sh
+# panic "reason": give up on the task because it cannot be done, saying why.
+# This ends the session.
+if [ "$#" -eq 0 ]; then
+    echo 'usage: panic "reason"' >&2
+    exit 2
+fi
+reason=$(printf '%s' "$*" | tr '\036\037\n' '   ')
+printf '\036SEKFT-PANIC %s\037\n' "$reason" > /dev/tty 2>/dev/null ||
+    printf '\036SEKFT-PANIC %s\037\n' "$reason"
+echo "panic: $reason"
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for everything in one sandbox (enforced with `ulimit -H -S`)."""
+
+    processes: int = 256
+    file_bytes: int = 256 * 1024**2
+    memory_bytes: int = 4 * 1024**3
+    cpu_seconds: int = 600
+
+
+def environment(columns: int = 500, lines: int = 50) -> dict[str, str]:
+    """The environment every process in the sandbox starts with (documented in scenario.py)."""
+    return {
+        "HOME": HOME,
+        "USER": USER,
+        "LOGNAME": USER,
+        "SHELL": "/bin/bash",
+        "PATH": f"/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:/bin:/sbin:{HARNESS_DIR}/bin",
+        "MANPATH": "/usr/local/share/man:/usr/share/man",
+        "MAIL": f"/var/mail/{USER}",
+        "TERM": "dumb",
+        "PAGER": "cat",
+        "MANPAGER": "cat",
+        "GIT_PAGER": "cat",
+        "LANG": "C.UTF-8",
+        "COLUMNS": str(columns),
+        "LINES": str(lines),
+    }
+
+
+def make_world(world: Path, files: Path | None = None) -> None:
+    """Create the world folder's five entries, then copy `files/` (which mirrors it) in."""
+    for name in WORLD_ENTRIES:
+        if name == "motd":
+            (world / name).touch()
+        else:
+            (world / name).mkdir(parents=True, exist_ok=True)
+    for sub in ("bin", "sbin", "share/man/man1"):
+        (world / "local" / sub).mkdir(parents=True, exist_ok=True)
+    if files is not None:
+        shutil.copytree(files, world, dirs_exist_ok=True, symlinks=True)
+
+
+def make_harness(harness: Path, sandbox: bool) -> None:
+    """Write the read-only harness folder: bin/panic and, for the sandbox, passwd/group/hosts."""
+    (harness / "bin").mkdir(parents=True, exist_ok=True)
+    panic = harness / "bin" / "panic"
+    panic.write_text(PANIC_SCRIPT)
+    panic.chmod(0o755)
+    if sandbox:
+        etc = harness / "etc"
+        etc.mkdir(exist_ok=True)
+        (etc / "passwd").write_text(
+            f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+            f"{USER}:x:{UID}:{UID}:{USER}:{HOME}:/bin/bash\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        )
+        (etc / "group").write_text(f"root:x:0:\n{USER}:x:{UID}:\nnogroup:x:65534:\n")
+        (etc / "hostname").write_text(f"{HOSTNAME}\n")
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
+
+
+def limits_prefix(limits: Limits) -> list[str]:
+    """argv prefix that applies `limits` (hard and soft) and then execs the rest of argv."""
+    script = (
+        f"ulimit -H -S -u {limits.processes} -f {limits.file_bytes // 1024} "
+        f"-v {limits.memory_bytes // 1024} -t {limits.cpu_seconds} && exec \"$@\""
+    )
+    return ["/bin/bash", "-c", script, "sekft-limits"]
+
+
+def _system_binds() -> list[str]:
+    """/usr read-only, and /bin, /lib... as the host has them (merged-/usr symlinks or dirs)."""
+    argv = ["--ro-bind", "/usr", "/usr"]
+    for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        if os.path.islink(f"/{link}"):
+            argv += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
+        elif os.path.isdir(f"/{link}"):
+            argv += ["--ro-bind", f"/{link}", f"/{link}"]
+    return argv
+
+
+def bwrap_argv(
+    bwrap: str,
+    world: Path,
+    harness: Path,
+    readonly: dict[str, Path] | None = None,
+) -> list[str]:
+    """The bubblewrap argv (up to and including `--`) for one sandbox over `world`.
+
+    `readonly` maps extra sandbox paths to host paths bound read-only (the scenario folder
+    during setup and check, the transcript during check).
+    """
+    argv = [
+        bwrap, "--unshare-all", "--unshare-user", "--uid", str(UID), "--gid", str(UID),
+        "--cap-drop", "ALL", "--die-with-parent", "--hostname", HOSTNAME, *_system_binds(),
+    ]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/etc"]
+    for name in ETC_ALLOW:
+        if os.path.exists(f"/etc/{name}"):
+            argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    for name in ("passwd", "group", "hostname", "hosts"):
+        argv += ["--ro-bind", str(harness / "etc" / name), f"/etc/{name}"]
+    argv += ["--ro-bind", str(harness / "bin"), f"{HARNESS_DIR}/bin"]
+    for name, target in WORLD_MOUNTS.items():
+        argv += ["--bind", str(world / name), target]
+    for target, source in (readonly or {}).items():
+        argv += ["--ro-bind", str(source), target]
+    argv += ["--remount-ro", "/etc", "--remount-ro", "/dev", "--remount-ro", "/",
+             "--chdir", HOME, "--"]
+    return argv
+
+
+@functools.cache
+def find_bwrap() -> str | None:
+    """Path of a bubblewrap that can actually build our sandbox here, or None."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None
+    probe = [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL", "--die-with-parent",
+             *_system_binds(), "--", "/bin/sh", "-c", "true"]
+    preexec = drop_privileges if sandbox_host_id() is not None else None
+    try:
+        ok = subprocess.run(probe, capture_output=True, timeout=30,
+                            preexec_fn=preexec).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return bwrap if ok else None
+
+
+def require_bwrap() -> str:
+    """The bubblewrap path, or a SandboxError saying how to get one (or opt out)."""
+    bwrap = find_bwrap()
+    if bwrap is None:
+        raise SandboxError(
+            "no usable sandbox: bubblewrap (`bwrap`) is missing or cannot create user "
+            "namespaces here; install it (apt install bubblewrap) or, only on a throwaway "
+            "machine, pass --no-sandbox to run the model's commands unconfined"
+        )
+    return bwrap
+
+
+def warn_no_sandbox() -> None:
+    """The loud warning --no-sandbox deserves."""
+    bar = "!" * 78
+    print(f"{bar}\n!! sekft: --no-sandbox: the model's commands run UNCONFINED on this machine,"
+          f"\n!! as you, with your files and network. Only resource limits apply.\n{bar}",
+          file=sys.stderr)
+
+
+def sandbox_host_id() -> int | None:
+    """The host uid/gid the sandbox runs as, when it must differ from ours (we are root).
+
+    The kernel does not hold namespaces created by root to RLIMIT_NPROC (checked on this
+    kernel: 33 processes under `ulimit -u 12`), so a fork bomb would not be contained; as
+    uid 65534 it is.
+    """
+    return UNPRIVILEGED_ID if os.geteuid() == 0 else None
+
+
+def drop_privileges() -> None:
+    """preexec_fn: become UNPRIVILEGED_ID before exec'ing bubblewrap (only called as root)."""
+    os.setgroups([])
+    os.setgid(UNPRIVILEGED_ID)
+    os.setuid(UNPRIVILEGED_ID)
+
+
+def _chown_tree(path: Path, uid: int) -> None:
+    os.chown(path, uid, uid, follow_symlinks=False)
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), uid, uid, follow_symlinks=False)
+
+
+@dataclass
+class Sandbox:
+    """One episode's world and how to run things in it (sandboxed, or not when bwrap is None).
+
+    Lives in its own temp folder `root` (world/, harness/, staged files); use as a context
+    manager, or call remove(), to delete it.
+    """
+
+    root: Path
+    bwrap: str | None
+    limits: Limits = Limits()
+
+    @classmethod
+    def create(cls, files: Path | None = None, sandbox: bool = True,
+               limits: Limits | None = None) -> Sandbox:
+        """Build a fresh world (plus `files`, which mirrors it) and harness folder."""
+        bwrap = require_bwrap() if sandbox else None
+        root = Path(tempfile.mkdtemp(prefix="sekft-sandbox-"))
+        # Traversable by the unprivileged uid the sandbox may run as; still not listable.
+        root.chmod(0o711)
+        box = cls(root, bwrap, limits or Limits())
+        make_world(box.world, files)
+        make_harness(box.harness, sandbox)
+        if bwrap is not None and sandbox_host_id() is not None:
+            _chown_tree(box.world, UNPRIVILEGED_ID)
+        return box
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @property
+    def world(self) -> Path:
+        return self.root / "world"
+
+    @property
+    def harness(self) -> Path:
+        return self.root / "harness"
+
+    def stage(self, name: str, source: Path | None = None, text: str | None = None) -> Path:
+        """A read-only copy of `source` (file or folder), or a file holding `text`, that the
+        sandbox can read whoever it runs as; returns its host path for `readonly` binds."""
+        staged = self.root / "staged" / name
+        staged.parent.mkdir(exist_ok=True)
+        if text is not None:
+            staged.write_text(text, encoding="utf-8")
+        elif source is not None and source.is_dir():
+            shutil.copytree(source, staged, symlinks=True)
+        elif source is not None:
+            shutil.copy2(source, staged)
+        return staged
+
+    def preexec(self):
+        """preexec_fn for processes that exec bubblewrap: drop root, or None."""
+        if self.bwrap is not None and sandbox_host_id() is not None:
+            return drop_privileges
+        return None
+
+    def argv(self, command: list[str], readonly: dict[str, Path] | None = None) -> list[str]:
+        """argv that runs `command` inside this sandbox, under the resource limits."""
+        inner = limits_prefix(self.limits) + command
+        if self.bwrap is None:
+            return inner
+        return bwrap_argv(self.bwrap, self.world, self.harness, readonly) + inner
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The process environment: the sandbox one, remapped to host paths without bwrap."""
+        env = environment()
+        if self.bwrap is None:
+            env.update(HOME=str(self.world / "home"), MAIL=str(self.world / "mail" / USER),
+                       PATH=f"{self.world / 'local' / 'bin'}:{os.environ.get('PATH', '')}:"
+                            f"{self.harness / 'bin'}")
+        env.update(extra or {})
+        return env
+
+    def cwd(self) -> str | None:
+        """Working directory to start processes in (bubblewrap sets its own)."""
+        return None if self.bwrap is not None else str(self.world / "home")
+
+    def run_script(self, script: Path, env: dict[str, str], timeout: float,
+                   readonly: dict[str, Path]) -> subprocess.CompletedProcess:
+        """Run `bash script` (a staged scenario's setup.sh or check.sh), no terminal.
+
+        `readonly` must bind the staged scenario folder at SCENARIO_DIR. Raises ScenarioError
+        when the script runs past `timeout` seconds.
+        """
+        if self.bwrap is None:
+            path = str(script)
+            env = {**env, "SEKFT_SCENARIO": str(script.parent)}
+            if TRANSCRIPT_PATH in readonly:
+                env["SEKFT_TRANSCRIPT"] = str(readonly[TRANSCRIPT_PATH])
+        else:
+            path = f"{SCENARIO_DIR}/{script.name}"
+            env = {**env, "SEKFT_SCENARIO": SCENARIO_DIR}
+            if TRANSCRIPT_PATH in readonly:
+                env["SEKFT_TRANSCRIPT"] = TRANSCRIPT_PATH
+        argv = self.argv(["/bin/bash", path], readonly)
+        try:
+            return subprocess.run(argv, env=self.env(env), cwd=self.cwd(), capture_output=True,
+                                  timeout=timeout, stdin=subprocess.DEVNULL,
+                                  preexec_fn=self.preexec())
+        except subprocess.TimeoutExpired:
+            raise ScenarioError(f"{script.name}: still running after {timeout:g}s; make it "
+                                "finish faster or raise the script timeout") from None

@@ -1,0 +1,249 @@
+"""A persistent bash in the sandbox, driven through a terminal (pexpect), one command at a time.
+
+The shell is interactive (job control, Ctrl-C, `cd` and variables persist) but tamed:
+- no rc files, no readline (`--noediting`, so no bracketed paste or line editing), no echo
+  of what we type, history expansion off, TERM=dumb, pagers are `cat`, and a fixed wide
+  terminal (500x50) so nothing wraps;
+- PS1 is a sentinel with a per-shell random nonce carrying the exit status and `\\w`; the
+  reader waits for it, so output is exactly what the command printed. The prompt the model
+  sees is rendered from it (`user@sandbox:~$ `);
+- each command line is first parsed with `bash -n`; a syntax error never reaches the shell
+  (it could leave bash waiting for more input), the model sees bash's own message instead.
+  A command is sent wrapped in `{ ...\\n}` so a multi-line command is one unit and yields
+  one prompt;
+- a per-command wall-clock timeout sends Ctrl-C; if no prompt comes back within a grace
+  period the whole sandbox is killed and a fresh shell started (the world on disk stays).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pexpect
+
+from sekft.errors import SandboxError
+from sekft.sandbox import HOSTNAME, PANIC_END, PANIC_MARKER, USER, Sandbox
+
+COLUMNS = 500
+LINES = 50
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class CommandResult:
+    """What one command line did. `output` is raw terminal bytes (see observation.py).
+
+    When the output was huge, `output` is its first and last `keep` bytes joined, and
+    `omitted` counts the bytes dropped in between.
+    """
+
+    command: str
+    output: bytes
+    omitted: int = 0
+    status: int | None = None
+    cwd: str = "~"
+    timeout: float = 0.0
+    timed_out: bool = False
+    restarted: bool = False
+    ended: bool = False
+    syntax_error: bool = False
+    panic_reason: str | None = None
+
+
+def syntax_error(command: str) -> str | None:
+    """bash's complaint about `command` as typed at a prompt, or None if it parses.
+
+    A here-document left open at the end counts as an error too: an interactive bash would
+    sit waiting for its delimiter.
+    """
+    for text in (command, "{ " + command + "\n}\n"):
+        done = subprocess.run(["bash", "-n"], input=text.encode("utf-8", "replace"),
+                              capture_output=True)
+        err = done.stderr.decode("utf-8", "replace")
+        if done.returncode != 0 or "here-document" in err:
+            return err if err.strip() else "bash: syntax error: unexpected end of file\n"
+    return None
+
+
+class _Capture:
+    """Terminal bytes of one command: all of them, or head and tail once past 2*keep."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.head = b""
+        self.body = bytearray()
+        self.omitted = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.body += chunk
+        if not self.head and len(self.body) > 2 * self.keep:
+            self.head = bytes(self.body[: self.keep])
+            del self.body[: self.keep]
+        if self.head and len(self.body) > 2 * self.keep:
+            drop = len(self.body) - self.keep
+            self.omitted += drop
+            del self.body[:drop]
+
+    def search_end(self, pattern: re.Pattern, chunk_len: int) -> re.Match | None:
+        # The sentinel is bounded by PATH_MAX, so only the newest bytes need searching.
+        return pattern.search(self.body, max(0, len(self.body) - chunk_len - 8192))
+
+    def output(self, end: int | None = None) -> bytes:
+        body = bytes(self.body if end is None else self.body[:end])
+        return self.head + body
+
+
+class Shell:
+    """A persistent sandboxed bash. Use as a context manager, or call close()."""
+
+    def __init__(self, sandbox: Sandbox, kill_grace: float = 2.0, keep: int = 64 * 1024):
+        self.sandbox = sandbox
+        self.kill_grace = kill_grace
+        self.keep = keep
+        self.child: pexpect.spawn | None = None
+        self.cwd = "~"
+        self.status = 0
+        self.start()
+
+    def __enter__(self) -> Shell:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start a fresh bash in the sandbox and wait for its first prompt."""
+        self.nonce = secrets.token_hex(8)
+        self.sentinel = re.compile(
+            rb"\x1eSEKFT" + self.nonce.encode() + rb" (\d+) ([^\x1f]*)\x1f"
+        )
+        env = self.sandbox.env({
+            "SEKFT_PS1": f"\x1eSEKFT{self.nonce} $? \\w\x1f",
+            "HISTFILE": "",
+            "HISTCONTROL": "ignorespace",
+        })
+        # A non-interactive bash (the limits wrapper) drops PS1 from the environment, so the
+        # prompt travels as SEKFT_PS1 and becomes PS1 just before the interactive exec.
+        argv = self.sandbox.argv(["/bin/bash", "-c", (
+            'export PS1="$SEKFT_PS1" PS2=""; unset SEKFT_PS1; '
+            "exec /bin/bash --noprofile --norc --noediting +H -i"
+        )])
+        try:
+            self.child = pexpect.spawn(argv[0], argv[1:], env=env, cwd=self.sandbox.cwd(),
+                                       echo=False, dimensions=(LINES, COLUMNS), timeout=None,
+                                       preexec_fn=self.sandbox.preexec())
+        except pexpect.ExceptionPexpect as e:
+            raise SandboxError(f"could not start the sandboxed shell: {e}") from None
+        capture = _Capture(self.keep)
+        outcome = self._read(capture, time.monotonic() + START_TIMEOUT)
+        if outcome != "prompt":
+            said = capture.output().decode("utf-8", "replace").strip()[-500:]
+            self.close()
+            raise SandboxError(f"the sandboxed shell did not start ({outcome}): {said!r}")
+
+    def close(self) -> None:
+        """Kill the shell and, with it, everything in its sandbox."""
+        if self.child is not None:
+            try:
+                self.child.close(force=True)
+            except pexpect.ExceptionPexpect:
+                self.child.kill(9)
+            self.child = None
+
+    @property
+    def alive(self) -> bool:
+        return self.child is not None and self.child.isalive()
+
+    def prompt(self) -> str:
+        """The prompt as the model sees it, for the current directory."""
+        return f"{USER}@{HOSTNAME}:{self.cwd}$ "
+
+    def _read(self, capture: _Capture, deadline: float) -> str:
+        """Read into `capture` until the prompt ("prompt"), EOF ("eof") or `deadline`
+        ("timeout")."""
+        assert self.child is not None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            try:
+                chunk = self.child.read_nonblocking(65536, timeout=min(left, 0.5))
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                return "eof"
+            capture.add(chunk)
+            found = capture.search_end(self.sentinel, len(chunk))
+            if found:
+                self.status = int(found.group(1))
+                self.cwd = found.group(2).decode("utf-8", "replace")
+                del capture.body[found.start():]
+                return "prompt"
+
+    def run(self, command: str, timeout: float) -> CommandResult:
+        """Run one command line (may span lines) and return what it did.
+
+        Never raises for anything the command does: a syntax error, a hang, a flood of output,
+        the shell exiting or being killed all come back as a CommandResult.
+        """
+        error = syntax_error(command)
+        if error is not None:
+            self.status = 2
+            return CommandResult(command, error.encode(), status=2, cwd=self.cwd,
+                                 timeout=timeout, syntax_error=True)
+        assert self.child is not None
+        self.child.send(("{ " + command + "\n}\n").encode("utf-8", "replace"))
+        capture = _Capture(self.keep)
+        result = CommandResult(command, b"", cwd=self.cwd, timeout=timeout)
+        outcome = self._read(capture, time.monotonic() + timeout)
+        if outcome == "timeout":
+            result.timed_out = True
+            self.child.sendcontrol("c")
+            outcome = self._read(capture, time.monotonic() + self.kill_grace)
+        if outcome == "timeout":
+            self.close()
+            self.start()
+            result.restarted = True
+        elif outcome == "eof":
+            result.ended = True
+            self.child.close(force=True)
+            result.status = self.child.exitstatus
+        else:
+            result.status = self.status
+        result.cwd = self.cwd
+        result.output, result.panic_reason = _strip_panic(capture.output())
+        result.omitted = capture.omitted
+        return result
+
+    def probe_type(self, word: str) -> str:
+        """bash's `type -t` of `word` in the shell's current state ('' if not runnable).
+
+        Sent hidden (leading space, so not in history) and followed by `(exit N)` so the
+        model's next `$?` is still its own command's status.
+        """
+        if "\n" in word or "\x00" in word or self.child is None:
+            return ""
+        quoted = "'" + word.replace("'", "'\\''") + "'"
+        self.child.send(f" type -t -- {quoted} 2>/dev/null; (exit {self.status})\n".encode())
+        capture = _Capture(self.keep)
+        if self._read(capture, time.monotonic() + 10.0) != "prompt":
+            return ""
+        return capture.output().decode("utf-8", "replace").strip()
+
+
+def _strip_panic(output: bytes) -> tuple[bytes, str | None]:
+    """`output` without the panic marker, and the reason it carried (None: no panic)."""
+    start = output.find(PANIC_MARKER)
+    if start < 0:
+        return output, None
+    end = output.find(PANIC_END, start)
+    end = len(output) if end < 0 else end
+    reason = output[start + len(PANIC_MARKER):end].decode("utf-8", "replace").strip()
+    rest = output[end + 1:]
+    if rest.startswith(b"\r\n"):
+        rest = rest[2:]
+    return output[:start] + rest, reason

@@ -1,0 +1,160 @@
+"""Escape attempts, each run inside the sandbox: none may have effect outside the world, and
+the harness must keep working after each."""
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sekft.errors import SandboxError
+from sekft.sandbox import Limits, Sandbox, find_bwrap, make_world, sandbox_host_id
+from sekft.shell import Shell
+
+pytestmark = pytest.mark.skipif(find_bwrap() is None, reason="needs bubblewrap")
+
+
+@pytest.fixture
+def box():
+    with Sandbox.create(limits=Limits(processes=64, file_bytes=1024**2)) as sandbox:
+        yield sandbox
+
+
+def run(box, command, timeout=5.0):
+    with Shell(box, kill_grace=0.5) as sh:
+        result = sh.run(command, timeout=timeout)
+        after = sh.run("echo still here", timeout=5)
+    assert after.output == b"still here\r\n", "the harness stopped working"
+    return result
+
+
+def test_rm_rf_root_leaves_the_harness_files_intact(box):
+    run(box, "rm -rf --no-preserve-root / 2>/dev/null; echo done", timeout=10)
+    assert (box.harness / "bin" / "panic").is_file()
+    assert Path("/usr/bin/bash").exists()
+
+
+def test_writes_to_etc_and_usr_fail(box):
+    passwd = (box.harness / "etc" / "passwd").read_text()
+    result = run(box, "touch /etc/sekft-pwned /usr/bin/sekft-pwned; echo x >> /etc/passwd")
+    refusals = result.output.count(b"Read-only file system") + result.output.count(b"denied")
+    assert refusals == 3 and (box.harness / "etc" / "passwd").read_text() == passwd
+    assert not Path("/etc/sekft-pwned").exists() and not Path("/usr/bin/sekft-pwned").exists()
+
+
+def test_shadow_root_and_host_tmp_are_not_there(box, tmp_path):
+    (tmp_path / "host-secret").write_text("s3cret")
+    result = run(box, f"cat /etc/shadow; ls /root; cat {tmp_path}/host-secret")
+    assert result.output.count(b"No such file or directory") == 3
+    assert b"s3cret" not in result.output and b"root:" not in result.output
+
+
+def test_world_is_writable_and_lands_in_the_host_world_folder(box):
+    run(box, "echo hi > ~/a; echo t > /tmp/b; mkdir -p /usr/local/bin; echo m > /var/mail/user")
+    world = box.world
+    assert (world / "home" / "a").read_text() == "hi\n"
+    assert (world / "tmp" / "b").read_text() == "t\n"
+    assert (world / "mail" / "user").read_text() == "m\n"
+
+
+def test_no_network_not_even_host_loopback(box):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(3)
+    port = server.getsockname()[1]
+    accepted = []
+    waiter = threading.Thread(target=lambda: accepted.append(_accept(server)))
+    waiter.start()
+    command = (f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 2)\""
+               f" 2>&1 | tail -1; echo > /dev/tcp/127.0.0.1/{port}; "
+               f"command -v curl >/dev/null && curl -s -m 2 http://127.0.0.1:{port}/; echo rc=$?")
+    result = run(box, command)
+    waiter.join()
+    server.close()
+    assert accepted == [None]
+    assert b"Connection refused" in result.output or b"Network is unreachable" in result.output
+
+
+def _accept(server):
+    try:
+        return server.accept()
+    except OSError:
+        return None
+
+
+def test_fork_bomb_is_contained_and_killed_with_the_sandbox():
+    # A small process limit: the machine running the tests has other work to do.
+    with Sandbox.create(limits=Limits(processes=12)) as box:
+        with Shell(box, kill_grace=0.5) as sh:
+            sh.run(":(){ :|:& };:", timeout=1)
+            assert sh.run("ulimit -u", timeout=5).output.endswith(b"12\r\n")
+            # Builtins only: the shell cannot fork while the bomb holds every process slot.
+            count = sh.run("n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo $n", timeout=5)
+            assert int(count.output.split()[-1]) <= 12 + 1  # + bubblewrap's init
+        if sandbox_host_id() is not None:
+            assert _wait_until_gone(sandbox_host_id())
+        with Shell(box, kill_grace=0.5) as sh:
+            assert sh.run("echo fresh", timeout=5).output == b"fresh\r\n"
+
+
+def _wait_until_gone(uid, seconds=5.0):
+    """Whether every process of host `uid` is gone within `seconds` (the kernel tears a pid
+    namespace down asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while _processes_of(uid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _processes_of(uid) == 0
+
+
+def _processes_of(uid):
+    count = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            continue
+        count += any(line.split()[:2] == ["Uid:", str(uid)] for line in lines)
+    return count
+
+
+def test_huge_file_is_stopped_at_the_file_size_limit(box):
+    result = run(box, "head -c 10G /dev/zero > ~/big; fallocate -l 10G ~/big2; echo rc=$?")
+    assert result.output.count(b"File too large") == 2
+    assert (box.world / "home" / "big").stat().st_size <= 1024**2
+
+
+def test_killing_parents_and_everything_does_not_reach_the_harness(box):
+    with Shell(box, kill_grace=0.5) as sh:
+        sh.run("kill -9 $PPID; kill -9 1", timeout=5)
+        assert sh.run("echo alive", timeout=5).output == b"alive\r\n"
+        assert b"No such process" in sh.run("kill -9 -1", timeout=5).output
+        assert sh.run("kill -9 $$", timeout=5).ended
+    assert os.getppid() > 0
+    with Shell(box, kill_grace=0.5) as sh:
+        assert sh.run("ls /proc | grep -c '^[0-9]'", timeout=5).output.strip().isdigit()
+
+
+def test_only_sandbox_processes_are_visible(box):
+    result = run(box, "ps -e -o comm= | sort -u | tr '\\n' ' '")
+    assert b"pytest" not in result.output and b"python" not in result.output
+
+
+def test_no_sandbox_refuses_when_bwrap_is_missing(monkeypatch, tmp_path):
+    import sekft.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "find_bwrap", lambda: None)
+    with pytest.raises(SandboxError, match="--no-sandbox"):
+        Sandbox.create()
+
+
+def test_files_mirror_the_world(tmp_path):
+    files = tmp_path / "files"
+    (files / "local" / "bin").mkdir(parents=True)
+    (files / "local" / "bin" / "tool").write_text("#!/bin/sh\necho tool\n")
+    (files / "local" / "bin" / "tool").chmod(0o755)
+    make_world(tmp_path / "world", files)
+    assert os.access(tmp_path / "world" / "local" / "bin" / "tool", os.X_OK)
+    assert (tmp_path / "world" / "motd").is_file()

@@ -1,0 +1,154 @@
+"""The persistent sandboxed bash: one behaviour per test, short timeouts throughout."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sekft.observation import cap, clean, login, observe
+from sekft.sandbox import Sandbox, find_bwrap
+from sekft.shell import CommandResult, Shell, syntax_error
+
+pytestmark = pytest.mark.skipif(find_bwrap() is None, reason="needs bubblewrap")
+
+
+@pytest.fixture
+def shell():
+    with Sandbox.create() as box, Shell(box, kill_grace=0.5) as sh:
+        yield sh
+
+
+def test_output_and_exit_status_of_each_command(shell):
+    ok = shell.run("echo hello", timeout=5)
+    failed = shell.run("ls /nonexistent", timeout=5)
+    assert (ok.output, ok.status) == (b"hello\r\n", 0)
+    assert failed.status == 2 and b"No such file" in failed.output
+
+
+def test_directory_and_variables_persist_between_commands(shell):
+    shell.run("cd /tmp && export GREETING=hi", timeout=5)
+    assert shell.run("echo $GREETING; pwd", timeout=5).output == b"hi\r\n/tmp\r\n"
+    assert shell.prompt() == "user@sandbox:/tmp$ "
+
+
+def test_prompt_starts_at_home_as_tilde(shell):
+    assert shell.prompt() == "user@sandbox:~$ "
+
+
+def test_typed_command_is_not_echoed(shell):
+    assert b"printf" not in shell.run("printf 'x%s' y", timeout=5).output
+
+
+def test_terminal_is_dumb_with_cat_pagers(shell):
+    result = shell.run("echo $TERM $PAGER $MANPAGER $GIT_PAGER", timeout=5)
+    assert result.output == b"dumb cat cat cat\r\n"
+
+
+def test_long_lines_do_not_wrap(shell):
+    result = shell.run("printf 'a%.0s' {1..450}; echo", timeout=5)
+    assert result.output == b"a" * 450 + b"\r\n"
+
+
+def test_multiline_command_runs_as_one_unit(shell):
+    result = shell.run("echo one\necho two", timeout=5)
+    assert result.output == b"one\r\ntwo\r\n" and not result.timed_out
+
+
+def test_heredoc_command(shell):
+    assert shell.run("cat <<EOF\nx y\nEOF", timeout=5).output == b"x y\r\n"
+
+
+def test_syntax_error_is_bash_message_and_never_reaches_the_shell(shell):
+    result = shell.run("echo )", timeout=5)
+    assert result.syntax_error and result.status == 2
+    assert b"syntax error near unexpected token" in result.output
+    assert shell.run("echo fine", timeout=5).output == b"fine\r\n"
+
+
+@pytest.mark.parametrize("command", ["if true; then echo", "echo 'open", "cat <<EOF\nno end"])
+def test_incomplete_commands_are_syntax_errors(command):
+    assert syntax_error(command) is not None
+
+
+def test_history_expansion_is_off(shell):
+    assert shell.run("echo hi!", timeout=5).output == b"hi!\r\n"
+
+
+@pytest.mark.parametrize("command", ["sleep 1000", "cat", "yes > /dev/null"])
+def test_command_that_never_returns_is_interrupted_and_shell_continues(shell, command):
+    result = shell.run(command, timeout=0.5)
+    assert result.timed_out and not result.restarted and result.status == 130
+    assert shell.run("echo next", timeout=5).output == b"next\r\n"
+
+
+def test_command_ignoring_ctrl_c_gets_shell_restarted(shell):
+    shell.run("cd /tmp", timeout=5)
+    result = shell.run("trap '' INT; sleep 1000", timeout=0.5)
+    assert result.timed_out and result.restarted
+    assert "shell was killed and a new one started" in observe(result, shell.prompt())
+    assert shell.run("pwd", timeout=5).output == b"/home/user\r\n"
+
+
+def test_flood_of_output_is_kept_as_head_and_tail():
+    with Sandbox.create() as box, Shell(box, kill_grace=0.5, keep=4096) as sh:
+        result = sh.run("seq 1 200000", timeout=10)
+    assert result.output.startswith(b"1\r\n2\r\n") and result.output.endswith(b"200000\r\n")
+    assert result.omitted > 0 and len(result.output) <= 3 * 4096
+
+
+def test_yes_is_cut_off_and_its_observation_capped(shell):
+    result = shell.run("yes", timeout=0.5)
+    text = observe(result, shell.prompt(), max_bytes=1000)
+    assert result.timed_out and "bytes omitted" in text and len(text) < 1300
+
+
+def test_exit_ends_the_shell(shell):
+    result = shell.run("exit 3", timeout=5)
+    assert result.ended and result.status == 3 and not shell.alive
+
+
+def test_panic_records_its_reason_and_hides_the_marker(shell):
+    result = shell.run("panic 'no deploy key' > /dev/null", timeout=5)
+    assert result.panic_reason == "no deploy key"
+    assert b"SEKFT-PANIC" not in result.output
+
+
+def test_type_probe_keeps_the_models_exit_status(shell):
+    shell.run("false", timeout=5)
+    assert shell.probe_type("ls") == "file" and shell.probe_type("cd") == "builtin"
+    assert shell.probe_type("no-such-thing") == ""
+    assert shell.run("echo $?", timeout=5).output == b"1\r\n"
+
+
+def test_clean_strips_ansi_and_applies_carriage_returns():
+    raw = b"\x1b[31mred\x1b[0m\r\n10%\r50%\r100%\r\n\x1b]0;title\x07done\x07\r\n"
+    assert clean(raw) == "red\n100%\ndone\n"
+
+
+def test_cap_keeps_head_and_tail_and_counts_what_it_dropped():
+    text = "a" * 100 + "b" * 100
+    assert cap(text, 50) == "a" * 25 + "\n[... 150 bytes omitted ...]\n" + "b" * 25
+
+
+@given(st.text(max_size=300), st.integers(min_value=2, max_value=200))
+def test_cap_is_identity_when_text_fits_and_bounded_otherwise(text, max_bytes):
+    capped = cap(text, max_bytes)
+    if len(text.encode()) <= max_bytes:
+        assert capped == text
+    else:
+        assert len(capped.encode()) <= max_bytes + len("\n[... 9999 bytes omitted ...]\n")
+
+
+def test_login_is_banner_then_prompt():
+    assert login(b"Welcome\r\n", "user@sandbox:~$ ") == "Welcome\nuser@sandbox:~$ "
+    assert login(b"", "user@sandbox:~$ ") == "user@sandbox:~$ "
+
+
+def test_observation_newline_terminates_output_then_prompt():
+    result = CommandResult("printf abc", b"abc", status=0)
+    assert observe(result, "$ ") == "abc\n$ "
+    assert observe(CommandResult("true", b"", status=0), "$ ") == "$ "
+
+
+def test_observation_notes_an_interrupted_command():
+    result = CommandResult("sleep 9", b"\r\n", status=130, timeout=2, timed_out=True)
+    assert observe(result, "$ ") == "\n[sekft: no prompt 2s after the command; sent Ctrl-C]\n$ "

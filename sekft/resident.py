@@ -40,8 +40,10 @@ A client that disconnects does not cancel its job: it runs to the end, and `watc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import gc
+import io
 import json
 import os
 import resource
@@ -56,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sekft.errors import ResidentError, SekftError, run_cli
+from sekft.errors import ConfigError, ResidentError, SekftError, run_cli
 
 PROG = "sekft-resident"
 MAX_LINE = 1 << 20
@@ -67,7 +69,7 @@ OPS = (*JOB_OPS, "watch", "status", "cancel", "shutdown")
 # because the server's may be anywhere.
 PATH_OPTIONS = ("--data", "--out", "--adapter", "--scenarios")
 # The server owns the base; a job cannot swap it.
-SERVER_OPTIONS = ("--base", "--load-4bit")
+SERVER_OPTIONS = ("--base", "--load-4bit", "--device", "--dtype")
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -305,7 +307,7 @@ class Resident:
         except SekftError as e:
             job.state = "failed"
             return {"event": "error", "error": type(e).__name__, "message": str(e)}
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             # A bug in sekft, not bad input: keep the traceback in the server's log, tell
             # the client, and carry on with the next job.
             traceback.print_exc()
@@ -513,12 +515,106 @@ def start(
     )
 
 
-def train_job(base: Any, args: list[str], report: Report, stop: threading.Event) -> dict:
-    """Run `sekft-train` with `args` on the resident base (lands with the trainer)."""
-    raise ResidentError("this sekft has no trainer yet (issue 5)")
+@dataclass
+class ResidentBase:
+    """The loaded base and how it was loaded; every job runs with these as its base options."""
+
+    base: Any  # sekft.base.Base
+    name: str  # as given to `serve --base`: cold runs write it into adapter_config.json
+    load_4bit: bool
+    device: str
+    dtype: str
+
+    def options(self) -> list[str]:
+        """The `--base ...` options a cold `sekft-train` / `sekft-eval` would be given."""
+        four_bit = ["--load-4bit"] if self.load_4bit else []
+        return ["--base", self.name, *four_bit, "--device", self.device, "--dtype", self.dtype]
 
 
-def eval_job(base: Any, args: list[str], report: Report, stop: threading.Event) -> dict:
+def load_resident(
+    name: str, load_4bit: bool, device: str | None, dtype: str | None
+) -> ResidentBase:
+    """Load the base as a cold `sekft-train` with the same options would (same defaults:
+    CUDA + bfloat16 when present, else CPU + float32)."""
+    import torch
+
+    from sekft.base import default_device, default_dtype, load_base
+
+    torch_device = torch.device(device) if device else default_device()
+    torch_dtype = getattr(torch, dtype) if dtype else default_dtype(torch_device)
+    base = load_base(name, torch_dtype, torch_device, load_4bit, compute_dtype=torch_dtype)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    return ResidentBase(base, name, load_4bit, str(torch_device), dtype_name)
+
+
+def parse_job_options(parse: Callable[[list[str]], Any], argv: list[str], prog: str) -> Any:
+    """Run a command's own option parser on a job's arguments, turning argparse's print-and-exit
+    into a ConfigError: in the server a SystemExit would end the worker, and the message
+    belongs to the client, not the server's stderr."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            return parse(argv)
+    except SystemExit:
+        lines = captured.getvalue().strip().splitlines() or ["bad options"]
+        raise ConfigError(f"job options: {lines[-1].removeprefix(f'{prog}: error: ')}") from None
+
+
+def base_checksum(model: Any) -> str:
+    """SHA-256 over every base tensor of `model` (names, dtypes, shapes, bytes), LoRA weights
+    excluded: equal before and after any number of jobs, or a job changed the base."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train_job(
+    resident: ResidentBase, args: list[str], report: Report, stop: threading.Event
+) -> dict:
+    """A `sekft-train` run with `args` on the resident base.
+
+    The LoRA layers of the previous job are dropped and the trainer attaches fresh ones with
+    this job's rank, targets and seed, and makes a fresh optimizer: the adapter equals what
+    a cold `sekft-train` with the same options writes.
+    """
+    from sekft import sft
+    from sekft.lora import detach_lora
+
+    cfg = parse_job_options(sft.config_from_args, [*args, *resident.options()], "sekft-train")
+    if cfg.full:
+        raise ConfigError(
+            "--full trains the base itself, which the resident server keeps "
+            "unchanged; run `sekft-train --full` on its own"
+        )
+    if cfg.inspect:
+        raise ConfigError("--inspect loads no weights; run `sekft-train --inspect` on its own")
+    detach_lora(resident.base.model)
+    result = sft.train(cfg, resident.base, stop=stop, report=report)
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    return {
+        "summary": f"sekft-train: done: {result.steps} steps, loss {result.train_loss:.4f}"
+        f"{val}; adapter in {result.out}",
+        "out": str(result.out),
+        "steps": result.steps,
+        "total_steps": result.total_steps,
+        "interrupted": result.interrupted,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+    }
+
+
+def eval_job(
+    resident: ResidentBase, args: list[str], report: Report, stop: threading.Event
+) -> dict:
     """Run `sekft-eval` with `args` on the resident base (lands with the evaluator)."""
     raise ResidentError("this sekft has no evaluator yet (issue 6)")
 
@@ -535,14 +631,14 @@ def stop_on_signals(resident: Resident) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def serve(base: str, load_4bit: bool, socket_path: Path) -> int:
+def serve(
+    base: str, load_4bit: bool, device: str | None, dtype: str | None, socket_path: Path
+) -> int:
     """`sekft-resident serve`: load `base` once and run jobs until shutdown."""
-    from sekft.base import load_base
-
     log(f"loading {base}{' in 4 bits' if load_4bit else ''}")
     resident = start(
         base,
-        lambda: load_base(base, load_4bit=load_4bit),
+        lambda: load_resident(base, load_4bit, device, dtype),
         {"train": train_job, "eval": eval_job},
         socket_path,
     )
@@ -625,6 +721,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     serve = commands.add_parser("serve", help="load a base and serve jobs")
     serve.add_argument("--base", required=True, help="checkpoint folder or hub id (offline)")
     serve.add_argument("--load-4bit", action="store_true", help="load the base in NF4")
+    serve.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
+    serve.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="of the base weights (default: bfloat16 on CUDA, else float32)",
+    )
     serve.add_argument("--socket", type=Path, help=socket_help)
 
     submit = commands.add_parser(
@@ -662,7 +764,7 @@ def cli(argv: list[str] | None) -> int:
     args, job_args = parse_args(argv)
     socket_path = args.socket or default_socket_path()
     if args.command == "serve":
-        return serve(args.base, args.load_4bit, socket_path)
+        return serve(args.base, args.load_4bit, args.device, args.dtype, socket_path)
     if args.command == "submit":
         req = {"op": args.op, "args": job_args, "cwd": os.getcwd(), "detach": args.detach}
         return print_job_events(request(socket_path, req))

@@ -370,40 +370,6 @@ def test_submit_of_a_failing_job_prints_one_line_and_exits_1(serve, socket_path,
     assert err[-1].startswith("sekft-resident: error: job 1: DataError: ")
 
 
-def test_sigterm_lets_the_running_job_stop_cleanly_then_the_server_exits(socket_path, tmp_path):
-    # A server process whose job, like training, writes a checkpoint when asked to stop.
-    script = f"""
-import sys, time
-from pathlib import Path
-from sekft import resident
-
-def train(base, args, report, stop):
-    report("step 1")
-    while not stop.wait(0.01):
-        pass
-    Path({str(tmp_path / "checkpoint")!r}).write_text("saved")
-    return {{}}
-
-server = resident.start("tiny", lambda: "base", {{"train": train}}, Path({str(socket_path)!r}))
-resident.stop_on_signals(server)
-server.serve_forever()
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE)
-    wait_for(socket_path.exists)
-    req = {"op": "train", "args": [], "cwd": "/tmp"}
-    with connect(socket_path) as conn:
-        conn.sendall((json.dumps(req) + "\n").encode())
-        reader = conn.makefile("rb")
-        while json.loads(reader.readline())["event"] != "progress":
-            pass
-        proc.send_signal(signal.SIGTERM)
-        final = read_events(conn)[-1]
-    assert proc.wait(20) == 0
-    assert final["event"] == "cancelled" and "SIGTERM" in final["reason"]
-    assert (tmp_path / "checkpoint").read_text() == "saved"
-    assert not socket_path.exists()
-
-
 def test_uncaught_bug_in_a_job_is_reported_and_the_server_carries_on(socket_path, tmp_path):
     def broken(base, args, report, stop):
         raise ZeroDivisionError("division by zero")
@@ -420,3 +386,161 @@ def test_uncaught_bug_in_a_job_is_reported_and_the_server_carries_on(socket_path
     finally:
         server.begin_shutdown("test over")
         thread.join(10)
+
+
+# --- the real trainer on a tiny base ------------------------------------------------------
+
+TRAIN = ["--max-steps", "2", "--batch-tokens", "128", "--max-len", "96", "--val-fraction", "0"]
+
+
+def write_sessions(folder: Path, n: int = 8) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "sessions.jsonl", "w") as f:
+        for i in range(n):
+            messages = [
+                {"role": "user", "content": "user@box:~$ "},
+                {"role": "assistant", "content": f"ls -la /home/user{i}"},
+                {"role": "user", "content": "total 12\nuser@box:~$ "},
+                {"role": "assistant", "content": "exit"},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return folder
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def job_sequence(tiny_llama, tmp_path_factory, monkeypatch_module):
+    """Six jobs through one real server on the tiny llama: train (seed 1), train (seed 2),
+    a train job on a missing data folder, then three more trains. Records what the tests
+    below check: base loads, base checksums, each job's terminal event."""
+    import sekft.base
+
+    work = tmp_path_factory.mktemp("resident")
+    write_sessions(work / "data")
+    loads = []
+    real_load_base = sekft.base.load_base
+    monkeypatch_module.setattr(
+        sekft.base, "load_base", lambda *a, **k: loads.append(a) or real_load_base(*a, **k)
+    )
+    with tempfile.TemporaryDirectory(prefix="sekft-", dir="/tmp") as folder:
+        path = Path(folder) / "r.sock"
+        server = resident.start(
+            "tiny",
+            lambda: resident.load_resident(str(tiny_llama), False, "cpu", "float32"),
+            {"train": resident.train_job, "eval": resident.eval_job},
+            path,
+        )
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        before = resident.base_checksum(server.base.base.model)
+
+        def train(out: str, *extra: str) -> dict:
+            req = {"op": "train", "args": ["--data", "data", "--out", out, *TRAIN, *extra]}
+            return ask(path, dict(req, cwd=str(work)))[-1]
+
+        finals = [
+            train("a1", "--seed", "1"),
+            train("a2", "--seed", "2"),
+            train("a3", "--data", "missing"),
+            *(train(f"a{n}", "--seed", str(n)) for n in (4, 5, 6)),
+        ]
+        after = resident.base_checksum(server.base.base.model)
+        server.begin_shutdown("test over")
+        thread.join(30)
+    return {"work": work, "loads": loads, "before": before, "after": after, "finals": finals}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_real_jobs_run_one_after_another_on_the_resident_base(job_sequence):
+    kinds = [f["event"] for f in job_sequence["finals"]]
+    assert kinds == ["result", "result", "error", "result", "result", "result"]
+
+
+def test_base_is_loaded_once_across_all_jobs(job_sequence):
+    assert len(job_sequence["loads"]) == 1
+
+
+def test_base_weights_are_bitwise_unchanged_after_all_jobs(job_sequence):
+    assert job_sequence["before"] == job_sequence["after"]
+
+
+def test_job_for_a_missing_data_folder_reports_a_data_error(job_sequence):
+    failed = job_sequence["finals"][2]
+    assert failed["error"] == "DataError" and "missing" in failed["message"]
+
+
+def test_resident_adapter_equals_a_cold_sekft_train_with_the_same_seed(job_sequence, tiny_llama):
+    from sekft import sft
+
+    work = job_sequence["work"]
+    argv = ["--base", str(tiny_llama), "--data", str(work / "data"), "--out", str(work / "cold")]
+    assert sft.main([*argv, *TRAIN, "--seed", "2"]) == 0
+    resident_adapter, cold = adapter_tensors(work / "a2"), adapter_tensors(work / "cold")
+    assert resident_adapter.keys() == cold.keys()
+    for name, tensor in cold.items():
+        assert torch_equal(resident_adapter[name], tensor), name
+    config = json.loads((work / "a2" / "adapter_config.json").read_text())
+    assert config == json.loads((work / "cold" / "adapter_config.json").read_text())
+
+
+def test_different_seeds_give_different_adapters(job_sequence):
+    # Guards the test above: equal adapters must come from the seed, not from training
+    # doing nothing.
+    work = job_sequence["work"]
+    a1, a2 = adapter_tensors(work / "a1"), adapter_tensors(work / "a2")
+    assert any(not torch_equal(a1[name], a2[name]) for name in a1)
+
+
+def test_memory_after_five_jobs_is_within_a_few_percent_of_after_one(job_sequence):
+    first, last = job_sequence["finals"][0]["memory"], job_sequence["finals"][-1]["memory"]
+    assert last["live_tensors"] == first["live_tensors"]
+    assert last["rss_bytes"] <= 1.05 * first["rss_bytes"]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_sigterm_lets_the_training_job_checkpoint_then_the_server_exits(tiny_llama, tmp_path):
+    write_sessions(tmp_path / "data")
+    with tempfile.TemporaryDirectory(prefix="sekft-", dir="/tmp") as folder:
+        path = Path(folder) / "r.sock"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "sekft.resident", "serve", "--base", str(tiny_llama)]
+            + ["--socket", str(path)],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: path.exists() or server.poll() is not None, timeout=120)
+        # Many tiny steps: the job is mid-run when SIGTERM arrives.
+        args = ["--data", "data", "--out", "run", "--max-steps", "10000", "--batch-tokens", "64"]
+        with connect(path) as conn:
+            conn.settimeout(120)
+            req = {"op": "train", "args": [*args, "--max-len", "96"], "cwd": str(tmp_path)}
+            conn.sendall((json.dumps(req) + "\n").encode())
+            reader = conn.makefile("rb")
+            event = {}
+            while not event.get("line", "").startswith("step 1/"):
+                event = json.loads(reader.readline())
+                assert event["event"] not in resident.TERMINAL_EVENTS, event
+            server.send_signal(signal.SIGTERM)
+            final = read_events(conn)[-1]
+        assert server.wait(60) == 0, server.stderr.read()
+        assert not path.exists()
+    assert final["event"] == "cancelled" and "SIGTERM" in final["reason"]
+    step = final["result"]["steps"]
+    assert final["result"]["interrupted"] and step < 10000
+    assert (tmp_path / "run" / f"checkpoint-{step}" / "adapter_model.safetensors").exists()

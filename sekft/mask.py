@@ -266,14 +266,14 @@ def check_coverage(
     spans: Sequence[Span], offsets: Sequence[tuple[int, int]], labels: Sequence[int],
     messages: Sequence[Mapping], text: str,
 ) -> list[Violation]:
-    """Trained characters contain each trained turn's content and nothing outside the spans.
+    """Every token of each trained turn's content trains, and no token outside the spans does.
 
     The content is checked stripped of surrounding whitespace: templates (Llama's `| trim`)
     and tokenizers (Phi-3's tokens that swallow following spaces) may drop it, and a token
     swallowing it is reported by the straddle check instead.
     """
     found = []
-    ranges = trained_chars(offsets, labels)
+    ends = [e for _, e in offsets]
     for s in spans:
         if s.content is None:
             found.append(Violation("coverage", s.turn, "the turn's content is not in its own "
@@ -282,12 +282,16 @@ def check_coverage(
         a, b = s.content
         core = text[a:b]
         a, b = a + len(core) - len(core.lstrip()), b - (len(core) - len(core.rstrip()))
-        if a < b and not any(lo <= a and b <= hi for lo, hi in ranges):
-            content = messages[s.turn]["content"][:20]
-            found.append(Violation("coverage", s.turn, f"content chars {a}..{b} "
-                                   f"({content!r}...) are not all trained"))
+        k = bisect_right(ends, a)
+        while k < len(offsets) and offsets[k][0] < b:
+            if labels[k] == IGNORE and offsets[k][0] < offsets[k][1]:
+                content = messages[s.turn]["content"][:20]
+                found.append(Violation("coverage", s.turn, f"token {k} of the content "
+                                       f"({content!r}...) does not train"))
+                break
+            k += 1
     allowed = [(s.start, s.end) for s in spans]
-    for lo, hi in ranges:
+    for lo, hi in trained_chars(offsets, labels):
         if not any(a <= lo and hi <= b for a, b in allowed):
             found.append(Violation("coverage", turn_at(spans, lo), f"chars {lo}..{hi} train "
                                    "outside every assistant span"))
@@ -430,8 +434,8 @@ def mask_session(
         spans.append(span)
         found = check_serve_prefix(turn, text, renders.prompts[turn], input_ids, prompt_ids[turn])
         found = found or check_history(turn, text, renders.histories[turn], span)
-        if span.eot_token is None:
-            found += check_stop(turn, span, [])
+        if not found and span.eot_token is None:
+            found = check_stop(turn, span, [])
         violations += found
         if not found:
             kept.append(span)

@@ -204,12 +204,13 @@ class ChatTemplate:
             return self.render_raw(messages, add_generation_prompt, **variables)
         except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError) as e:
             turn = self.failing_turn(messages, add_generation_prompt, **variables)
-            where = f"turn {turn} (role {messages[turn].get('role')!r})" if turn < len(
-                messages
-            ) else "the generation prompt"
+            if turn < len(messages):
+                where = f"turn {turn} (role {messages[turn].get('role')!r})"
+            else:
+                where = "the generation prompt"
             raise TemplateError(
-                f"chat template failed at {where}: {e}; make roles alternate as the template "
-                "expects (normalize_for_template folds system and merges same-role turns)"
+                f"chat template failed at {where}: {e} (most templates need the session "
+                "normalized: normalize_for_template folds system and merges same-role turns)"
             ) from e
 
     def render_raw(

@@ -1,0 +1,453 @@
+"""The assistant-only mask: exactly the spans the render contract defines, checked against an
+independent computation from transformers' renders and tokenizers; the named checks; the
+inspector."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from template_oracles import (
+    ENV_MARK,
+    FIXTURES,
+    SHELL_SESSIONS,
+    TOKENIZER_FOLDERS,
+    canonical,
+    hf_encoder,
+    hf_tokenizer,
+    our_template,
+    sessions,
+)
+
+from sekft.data import read_sessions
+from sekft.errors import MaskError, TemplateError
+from sekft.mask import (
+    IGNORE,
+    Span,
+    Violation,
+    check_coverage,
+    check_history,
+    check_serve_prefix,
+    check_stop,
+    encode_session,
+    encode_sessions,
+    main,
+    token_mask,
+)
+from sekft.template import ChatTemplate
+from sekft.tokenizer import load_tokenizer
+
+# What closes an assistant turn in each fixture template (read off the templates by hand).
+CLOSER = {
+    "mistral-7b-instruct-v0.2": "</s>",
+    "phi-3-mini-4k-instruct": "<|end|>",
+    "qwen2.5-instruct": "<|im_end|>",
+    "smollm2": "<|im_end|>",
+}
+
+CHATML_GENERATION = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+TOKENIZERS = {}
+
+
+def tokenizer_of(folder: str):
+    if folder not in TOKENIZERS:
+        TOKENIZERS[folder] = load_tokenizer(FIXTURES / folder)
+    return TOKENIZERS[folder]
+
+
+def oracle_mask(folder: str, messages: list[dict]):
+    """The contract computed with transformers alone: renders, tokens, spans, trained tokens.
+
+    Returns (input_ids, offsets, spans, trained token indices, turns failing serve-prefix).
+    Each fixture template writes an assistant turn as its content then CLOSER right after
+    P_i, so a span is [len(P_i), end of the token that starts the closer).
+    """
+    hf, enc = hf_tokenizer(folder), hf_encoder(folder)
+    text = hf.apply_chat_template(messages, tokenize=False)
+    encoded = enc(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    spans, unserved = [], []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = hf.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        closer_at = len(prompt) + len(message["content"])
+        assert text[len(prompt) : closer_at + len(CLOSER[folder])] == (
+            message["content"] + CLOSER[folder]
+        )
+        prompt_ids = enc.encode(prompt, add_special_tokens=False)
+        if prompt_ids != ids[: len(prompt_ids)]:
+            unserved.append(i)
+            continue
+        closer = next(k for k, (s, _) in enumerate(offsets) if s >= closer_at)
+        spans.append((len(prompt), offsets[closer][1]))
+    trained = [k for k, (s, e) in enumerate(offsets) if any(a <= s and e <= b for a, b in spans)]
+    return ids, offsets, spans, trained, unserved
+
+
+def trained_indices(encoded) -> list[int]:
+    return [k for k, label in enumerate(encoded.labels) if label != IGNORE]
+
+
+@pytest.mark.parametrize("folder", TOKENIZER_FOLDERS)
+def test_trained_tokens_are_exactly_those_inside_the_contract_spans(folder):
+    template, tokenizer = our_template(folder), tokenizer_of(folder)
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(messages=sessions(min_turns=1, max_turns=30))
+    def exact(messages):
+        messages = canonical(messages)
+        ids, offsets, spans, trained, unserved = oracle_mask(folder, messages)
+        encoded = encode_session(messages, template, tokenizer)
+        assert encoded.input_ids == ids
+        assert trained_indices(encoded) == trained
+        assert encoded.labels == [t if k in set(trained) else IGNORE for k, t in enumerate(ids)]
+        assert {v.turn for v in encoded.violations if v.check == "serve-prefix"} == set(unserved)
+
+    exact()
+
+
+@pytest.mark.parametrize("folder", TOKENIZER_FOLDERS)
+def test_trained_characters_are_the_spans_less_straddling_tokens(folder):
+    template, tokenizer = our_template(folder), tokenizer_of(folder)
+
+    @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(messages=sessions(min_turns=2, max_turns=12))
+    def characters(messages):
+        messages = canonical(messages)
+        _, offsets, spans, _, _ = oracle_mask(folder, messages)
+        encoded = encode_session(messages, template, tokenizer)
+        in_spans = {c for a, b in spans for c in range(a, b)}
+        crossing = {c for k in encoded.straddles for c in range(*offsets[k])}
+        trained = {c for k in trained_indices(encoded) for c in range(*offsets[k])}
+        # Byte-level tokens of one astral character can all carry that character's offsets,
+        # leaving the next character in no token's range: such characters cannot train.
+        covered = {c for s, e in offsets for c in range(s, e)}
+        assert trained == (in_spans & covered) - crossing
+        for k in encoded.straddles:
+            s, e = offsets[k]
+            assert any(s < a < e or s < b < e or (s < a and b < e) for a, b in spans)
+
+    characters()
+
+
+@pytest.mark.parametrize("folder", TOKENIZER_FOLDERS)
+def test_no_environment_byte_is_ever_trained(folder):
+    template, tokenizer = our_template(folder), tokenizer_of(folder)
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(messages=sessions(min_turns=1, max_turns=16))
+    def never(messages):
+        encoded = encode_session(messages, template, tokenizer)
+        for k in trained_indices(encoded):
+            assert ENV_MARK not in encoded.text[slice(*encoded.offsets[k])]
+
+    never()
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch=st.lists(sessions(min_turns=1, max_turns=10), min_size=2, max_size=4))
+def test_masks_do_not_depend_on_other_sessions_in_a_batch(batch):
+    folder = "smollm2"
+    template, tokenizer = our_template(folder), tokenizer_of(folder)
+    together = encode_sessions(batch, template, tokenizer)
+    for messages, encoded in zip(batch, together, strict=True):
+        alone = encode_session(messages, template, tokenizer)
+        assert (encoded.input_ids, encoded.labels) == (alone.input_ids, alone.labels)
+        assert encoded.violations == alone.violations
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(messages=sessions(min_turns=2, max_turns=20, system=False))
+def test_mask_equals_transformers_generation_mask_on_chatml(messages):
+    """transformers' only masking path, on a ChatML template tagging content + <|im_end|>."""
+    hf = hf_encoder("smollm2")
+    oracle = hf.apply_chat_template(
+        messages, chat_template=CHATML_GENERATION, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    template = ChatTemplate(CHATML_GENERATION, hf.special_tokens_map)
+    encoded = encode_session(messages, template, tokenizer_of("smollm2"))
+    # A turn whose prompt tokenizes differently (content starting with a newline merges with
+    # the prompt's) does not train here; transformers does not check.
+    assume(all(v.check != "serve-prefix" for v in encoded.violations))
+    assert encoded.input_ids == oracle["input_ids"]
+    theirs = [k for k, m in enumerate(oracle["assistant_masks"]) if m]
+    # transformers also marks tokens that only partly overlap a span; sekft never trains those.
+    assert trained_indices(encoded) == [k for k in theirs if k not in encoded.straddles]
+
+
+def test_labels_are_unshifted_and_minus_100_elsewhere():
+    messages = [{"role": "user", "content": "$ "}, {"role": "assistant", "content": "ls"}]
+    encoded = encode_session(messages, our_template("smollm2"), tokenizer_of("smollm2"))
+    tokens = [tokenizer_of("smollm2").id_to_token(t) for t in encoded.input_ids]
+    assert [t for t, label in zip(tokens, encoded.labels, strict=True) if label != IGNORE] == [
+        "ls",
+        "<|im_end|>",
+    ]
+    assert set(encoded.labels) - set(encoded.input_ids) == {IGNORE}
+
+
+def test_input_ids_carry_the_templates_bos_once():
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ls"}]
+    tokenizer = tokenizer_of("mistral-7b-instruct-v0.2")
+    encoded = encode_session(messages, our_template("mistral-7b-instruct-v0.2"), tokenizer)
+    bos = tokenizer.token_to_id("<s>")
+    assert encoded.input_ids[0] == bos and bos not in encoded.input_ids[1:]
+
+
+def test_encode_session_normalizes_first():
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "ls"},
+    ]
+    encoded = encode_session(messages, our_template("mistral-7b-instruct-v0.2"),
+                             tokenizer_of("mistral-7b-instruct-v0.2"))
+    assert encoded.messages[0] == {"role": "user", "content": "S\n\na\nb"}
+    assert encoded.text == "<s>[INST] S\n\na\nb [/INST]ls</s>"
+
+
+# ---- named checks ---------------------------------------------------------------------------
+
+USER_ASSISTANT = [
+    {"role": "user", "content": "u1"},
+    {"role": "assistant", "content": "a1"},
+    {"role": "user", "content": "u2"},
+    {"role": "assistant", "content": "a2"},
+]
+
+
+def encode_with(source: str, messages=USER_ASSISTANT, **kwargs):
+    return encode_session(messages, ChatTemplate(source, {"eos_token": "<|im_end|>"}),
+                          tokenizer_of("smollm2"), **kwargs)
+
+
+def checks_failed(encoded) -> set[tuple[str, int]]:
+    return {(v.check, v.turn) for v in encoded.violations}
+
+
+def test_a_prompt_that_is_not_a_prefix_of_the_render_fails_serve_prefix():
+    source = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>bot\n"
+        "{% else %}<|im_start|>user\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    encoded = encode_with(source)
+    assert checks_failed(encoded) == {("serve-prefix", 1), ("serve-prefix", 3)}
+    assert encoded.trained_tokens == 0
+
+
+def test_a_prompt_that_tokenizes_differently_fails_serve_prefix_and_does_not_train():
+    messages = [{"role": "user", "content": "$ "}, {"role": "assistant", "content": "./run"}]
+    encoded = encode_session(messages, our_template("mistral-7b-instruct-v0.2"),
+                             tokenizer_of("mistral-7b-instruct-v0.2"))
+    assert checks_failed(encoded) == {("serve-prefix", 1)}
+    assert "tokenizes differently" in encoded.violations[0].detail
+    assert encoded.trained_tokens == 0
+
+
+def test_a_template_rewriting_past_turns_fails_history():
+    """Like Qwen3 dropping earlier reasoning: earlier assistant turns render differently."""
+    source = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' and not loop.last %}(elided){% else %}{{ m.content }}"
+        "{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    encoded = encode_with(source)
+    assert checks_failed(encoded) == {("history", 1)}
+    assert encoded.labels.count(IGNORE) < len(encoded.labels)  # turn 3 still trains
+
+
+def test_an_end_of_turn_token_attached_to_the_next_turn_fails_stop():
+    source = (
+        "{% for m in messages %}{% if m.role == 'user' %}"
+        "{% if not loop.first %}<|im_end|>{% endif %}<|im_start|>user\n{{ m.content }}"
+        "<|im_end|><|im_start|>assistant\n{% else %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    encoded = encode_with(source)
+    assert checks_failed(encoded) == {("stop", 1), ("stop", 3)}
+    assert encoded.trained_tokens == 0
+
+
+def test_a_token_crossing_a_span_edge_is_reported_and_does_not_train():
+    """Phi-3's <|assistant|> swallows the whitespace after it, the content's leading space too."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " ls"}]
+    tokenizer = tokenizer_of("phi-3-mini-4k-instruct")
+    encoded = encode_session(messages, our_template("phi-3-mini-4k-instruct"), tokenizer)
+    assert checks_failed(encoded) == {("straddle", 1)}
+    (k,) = encoded.straddles
+    assert tokenizer.id_to_token(encoded.input_ids[k]) == "<|assistant|>"
+    assert encoded.labels[k] == IGNORE
+    assert not encoded.failed
+
+
+def test_strict_makes_a_straddle_an_error_naming_session_turn_and_check():
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " ls"}]
+    with pytest.raises(MaskError, match=r"session 4: turn 1: check straddle failed"):
+        encode_sessions([messages], our_template("phi-3-mini-4k-instruct"),
+                        tokenizer_of("phi-3-mini-4k-instruct"), strict=True, names=["session 4"])
+
+
+def test_a_template_rewriting_content_fails_coverage():
+    source = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | upper }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    encoded = encode_with(source)
+    assert checks_failed(encoded) == {("coverage", 1), ("coverage", 3)}
+
+
+def test_template_error_names_the_session_and_turn():
+    messages = [{"role": "assistant", "content": "ls"}, {"role": "user", "content": "x"}]
+    with pytest.raises(TemplateError, match=r"^data.jsonl:7: chat template failed at turn 0"):
+        encode_session(messages, our_template("mistral-7b-instruct-v0.2"),
+                       tokenizer_of("mistral-7b-instruct-v0.2"), name="data.jsonl:7")
+
+
+def test_check_serve_prefix_compares_text_then_tokens():
+    assert check_serve_prefix(1, "<p>ab", "<p>", [1, 2, 3], [1]) == []
+    assert check_serve_prefix(1, "<p>ab", "<q>", [1, 2], [1])[0].check == "serve-prefix"
+    (v,) = check_serve_prefix(1, "<p>ab", "<p>", [1, 2, 3], [1, 9])
+    assert "at token 1" in v.detail
+
+
+def test_check_history_allows_differences_after_the_turn():
+    span = Span(turn=1, start=3, end=6, content=(3, 5), eot_token=2)
+    assert check_history(1, "<p>ab|rest", "<p>ab|other", span) == []
+    assert check_history(1, "<p>xb|rest", "<p>ab|", span)[0].check == "history"
+
+
+def test_check_stop_requires_the_closing_token_to_train():
+    span = Span(turn=1, start=0, end=4, content=(0, 2), eot_token=1)
+    assert check_stop(1, span, [5, 6]) == []
+    assert check_stop(1, span, [5, IGNORE]) == [
+        Violation("stop", 1, "end-of-turn token 1 does not train")
+    ]
+
+
+def test_check_coverage_flags_trained_characters_outside_every_span():
+    span = Span(turn=1, start=2, end=4, content=(2, 3), eot_token=1)
+    offsets = [(0, 2), (2, 3), (3, 4)]
+    assert check_coverage([span], offsets, [IGNORE, 7, 8], [{}, {"content": "a"}], "uua<") == []
+    (v,) = check_coverage([span], offsets, [6, 7, 8], [{}, {"content": "a"}], "uua<")
+    assert "outside every assistant span" in v.detail
+
+
+def test_token_mask_by_hand():
+    offsets = [(0, 3), (3, 5), (5, 6), (6, 9), (9, 10)]
+    trained, straddles = token_mask(offsets, [(3, 6), (8, 10)])
+    assert trained == [1, 2, 4]
+    assert straddles == [3]
+
+
+# ---- the shell fixture and the inspector ------------------------------------------------------
+
+INSPECTED = [*TOKENIZER_FOLDERS, "zephyr-7b-beta"]
+
+
+def inspect_json(folder: str, capsys, *extra: str) -> tuple[int, list[dict]]:
+    base = FIXTURES / folder
+    where = ["--base", str(base)]
+    if folder == "zephyr-7b-beta":
+        # zephyr-7b-beta is a Mistral fine-tune: Mistral's tokenizer, its own template.
+        where = ["--tokenizer", str(FIXTURES / "mistral-7b-instruct-v0.2"), "--template", str(base)]
+    code = main(["--inspect", "--data", str(SHELL_SESSIONS), *where, "--json", *extra])
+    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.parametrize("folder", INSPECTED)
+def test_shell_fixture_trains_exactly_the_commands_and_their_closers(folder, capsys):
+    _, records = inspect_json(folder, capsys)
+    sessions = read_sessions(SHELL_SESSIONS)
+    assert [r["session"] for r in records] == [0, 1]
+    tokenizer = tokenizer_of("mistral-7b-instruct-v0.2" if folder == "zephyr-7b-beta" else folder)
+    for session, record in zip(sessions, records, strict=True):
+        messages = canonical(session.messages)
+        if folder != "zephyr-7b-beta":
+            assert record["text"] == hf_tokenizer(folder).apply_chat_template(
+                messages, tokenize=False
+            )
+        unserved = {v["turn"] for v in record["violations"] if v["check"] == "serve-prefix"}
+        trained = record["trained_text"]
+        for turn, message in enumerate(messages):
+            if message["role"] == "assistant" and turn not in unserved:
+                assert message["content"] in trained
+        for word in ("Usage: provider", "Permission denied", "queue.txt lists", ENV_MARK):
+            assert word not in trained
+        closers = [t for t, label in zip(record["input_ids"], record["labels"], strict=True)
+                   if label != IGNORE and tokenizer.id_to_token(t) in ("</s>", "<|end|>",
+                                                                         "<|im_end|>")]
+        assistant_turns = sum(m["role"] == "assistant" for m in messages)
+        assert len(closers) == assistant_turns - len(unserved)
+
+
+def test_shell_fixture_under_mistral_reports_the_commands_its_prompt_splits(capsys):
+    """`[/INST]` + `./provider` tokenizes as `].` `/`: a served prompt ends in `]` instead."""
+    code, records = inspect_json("mistral-7b-instruct-v0.2", capsys)
+    assert code == 1
+    assert [(v["check"], v["turn"]) for v in records[0]["violations"]] == [
+        ("serve-prefix", 5),
+        ("serve-prefix", 7),
+    ]
+    assert records[1]["violations"] == []
+
+
+@pytest.mark.parametrize("folder", ["phi-3-mini-4k-instruct", "qwen2.5-instruct", "smollm2"])
+def test_inspect_exits_zero_when_every_check_passes(folder, capsys):
+    code, records = inspect_json(folder, capsys)
+    assert code == 0
+    assert all(r["violations"] == [] for r in records)
+
+
+def test_inspect_highlights_trained_text_with_markers_off_a_terminal(capsys):
+    code = main(["--inspect", "--data", str(SHELL_SESSIONS), "--base",
+                 str(FIXTURES / "smollm2"), "--session", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "<|im_start|>assistant\n\u27e6cat /etc/motd<|im_end|>\u27e7\n" in out
+    assert out.startswith("=== session 1: ")
+    assert out.splitlines()[-1].endswith("0 straddles, 0 violations: ok")
+
+
+def test_inspect_limit_and_session_select_sessions(capsys):
+    _, records = inspect_json("smollm2", capsys, "--limit", "1")
+    assert [r["session"] for r in records] == [0]
+    _, records = inspect_json("smollm2", capsys, "--session", "1")
+    assert [r["session"] for r in records] == [1]
+
+
+def test_inspect_strict_fails_on_a_straddle(tmp_path, capsys):
+    data = tmp_path / "s.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": " ls"}]}) + "\n")
+    base = str(FIXTURES / "phi-3-mini-4k-instruct")
+    assert main(["--inspect", "--data", str(data), "--base", base]) == 0
+    assert main(["--inspect", "--data", str(data), "--base", base, "--strict"]) == 1
+
+
+def test_inspect_bad_input_prints_one_line_and_exits_nonzero(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user"}]}\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "sekft.mask", "--inspect", "--data", str(data), "--base",
+         str(FIXTURES / "smollm2")], capture_output=True, text=True,
+    )
+    assert run.returncode == 1
+    assert run.stderr == (f"sekft.mask: error: {data}:1: field 'messages[0].content': "
+                          "expected a string, got null\n")

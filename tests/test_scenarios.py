@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from sekft.errors import ConfigError
+from sekft.data import read_sessions
+from sekft.errors import ConfigError, ScenarioError
 from sekft.eval import EpisodeConfig, replay, run_episode
 from sekft.mask import encode_sessions
+from sekft.mask import main as mask_main
 from sekft.sandbox import find_bwrap
-from sekft.scenario import load_scenario
+from sekft.scenario import load_scenario, load_scenarios
 from sekft.scenarios import (
     FAMILIES,
     HELDOUT_FAMILIES,
@@ -22,6 +24,7 @@ from sekft.scenarios import (
     families_of,
     generate,
 )
+from sekft.scenarios.__main__ import main as suite_main
 from sekft.scenarios.expert import unseen_words
 from sekft.scenarios.posts import POSTS
 from sekft.scenarios.record import main as record_main
@@ -139,6 +142,22 @@ def test_provider_tool_is_documented_by_help_and_a_man_page(family):
     assert f"{tool} --help" in instance.commands
 
 
+def test_lookup_table_has_one_line_containing_the_item_and_none_its_answer_alone():
+    for seed in range(60):
+        instance = build("lookup", seed)
+        table, item, answer = instance.key
+        lines = instance.files[f"home/data/{table}.csv"].decode().splitlines()
+        assert [line for line in lines if item in line] == [f"{item},{answer}"]
+
+
+def test_tally_log_has_the_word_on_exactly_count_lines():
+    for seed in range(60):
+        instance = build("tally", seed)
+        log, word, count = instance.key
+        lines = instance.files[f"home/logs/{log}.log"].decode().splitlines()
+        assert sum(word in line for line in lines) == count
+
+
 def test_writing_over_an_existing_scenario_is_refused(tmp_path):
     generate("ledger", 1, tmp_path)
     with pytest.raises(ConfigError, match="already exists"):
@@ -241,16 +260,31 @@ def test_recorded_trajectories_pass_every_mask_check(expert_records, tiny_llama)
 
 
 @needs_bwrap
+def test_recording_an_instance_twice_gives_the_same_trajectory(expert_records):
+    again = record_instance(build("unpack", 0, "heldout"), EpisodeConfig())
+    assert again == expert_records["unpack"]
+
+
+@needs_bwrap
 def test_record_cli_writes_training_data_jsonl(tmp_path, capsys):
     out = tmp_path / "data" / "ticket.jsonl"
     code = record_main(["--split", "heldout", "--seeds", "2", "--families", "ticket",
                         "--out", str(out)])
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    sessions = read_sessions(out)
     assert code == 0
-    assert [(r["scenario"], r["split"]) for r in lines] == [
+    assert [(s.extra["scenario"], s.extra["split"]) for s in sessions] == [
         ("ticket-heldout-0", "heldout"), ("ticket-heldout-1", "heldout")]
-    assert all({m["role"] for m in r["messages"]} == {"user", "assistant"} for r in lines)
     assert "wrote 2 heldout trajectories" in capsys.readouterr().err
+
+
+@needs_bwrap
+def test_recorded_file_passes_mask_inspect_strict(tmp_path, tiny_llama, capsys):
+    out = tmp_path / "relay.jsonl"
+    record_main(["--split", "train", "--seeds", "1", "--families", "relay,vault",
+                 "--out", str(out)])
+    code = mask_main(["--inspect", "--strict", "--data", str(out), "--base", str(tiny_llama)])
+    assert code == 0
+    assert "2 sessions" in capsys.readouterr().out
 
 
 def test_record_cli_refuses_a_family_outside_the_split(tmp_path, capsys):
@@ -261,13 +295,25 @@ def test_record_cli_refuses_a_family_outside_the_split(tmp_path, capsys):
     assert err.count("\n") == 1 and "ticket" in err
 
 
-def test_record_refuses_an_expert_that_fails_its_checker(tmp_path, monkeypatch):
-    if find_bwrap() is None:
-        pytest.skip("needs bubblewrap")
+def test_suite_cli_writes_loadable_scenario_folders(tmp_path, capsys):
+    code = suite_main(["--split", "heldout", "--seeds", "2", "--families", "ticket,ledger",
+                       "--out", str(tmp_path)])
+    scenarios = load_scenarios(tmp_path, split="heldout")
+    assert code == 0
+    assert [s.id for s in scenarios] == ["ledger-heldout-0", "ledger-heldout-1",
+                                         "ticket-heldout-0", "ticket-heldout-1"]
+
+
+def test_suite_cli_prints_the_split(capsys):
+    assert suite_main(["--show-split"]) == 0
+    assert capsys.readouterr().out.strip() == describe_split()
+
+
+@needs_bwrap
+def test_record_refuses_an_expert_that_fails_its_checker():
     instance = build("tally", 0)
-    broken = type(instance)(**{**instance.__dict__, "commands": (*instance.commands[:-2],
-                                                                   "tally submit 0", "exit")})
-    with pytest.raises(Exception, match="failed its checker"):
+    broken = replace(instance, commands=(*instance.commands[:-2], "tally submit 0", "exit"))
+    with pytest.raises(ScenarioError, match="failed its checker"):
         record_instance(broken, EpisodeConfig())
 
 

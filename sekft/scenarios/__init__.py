@@ -43,7 +43,7 @@ FAMILIES: dict[str, ModuleType] = {
 assert set(FAMILIES) == set(TRAIN_FAMILIES) | set(HELDOUT_FAMILIES)
 
 __all__ = ["FAMILIES", "HELDOUT_FAMILIES", "TRAIN_FAMILIES", "Instance", "build",
-           "describe_split", "families_of", "generate"]
+           "choose_families", "describe_split", "families_of", "generate"]
 
 
 def _family(name: str) -> ModuleType:
@@ -59,6 +59,19 @@ def families_of(split: str) -> tuple[str, ...]:
     if split == "heldout":
         return TRAIN_FAMILIES + HELDOUT_FAMILIES
     raise ConfigError(f"split {split!r}: must be 'train' or 'heldout'")
+
+
+def choose_families(split: str, wanted: str | None) -> tuple[str, ...]:
+    """The families a CLI's `--families a,b` (None: all) asks for, checked against `split`."""
+    available = families_of(split)
+    if wanted is None:
+        return available
+    chosen = tuple(f.strip() for f in wanted.split(",") if f.strip())
+    wrong = [f for f in chosen if f not in available]
+    if wrong or not chosen:
+        raise ConfigError(f"--families: {wrong or wanted!r} have no {split} instances; choose "
+                          f"from {', '.join(available)}")
+    return chosen
 
 
 def build(family: str, seed: int, split: str | None = None) -> Instance:

@@ -41,9 +41,10 @@ USAGE = [("reply ANSWER", "record ANSWER as the answer to the question you were 
 def _make(rng: random.Random, seed: int, split: str) -> Instance:
     avoid: set[str] = set()
     table, = pick(rng, 1, avoid)
-    items = apart(rng, rng.randint(4, 6), avoid)
-    shelves = apart(rng, len(items), avoid)
-    rows = list(zip(items, shelves, strict=True))
+    size = rng.randint(4, 6)
+    # One draw for both columns: no item may be part of a shelf either, or grep finds two rows.
+    words = apart(rng, 2 * size, avoid)
+    rows = list(zip(words[:size], words[size:], strict=True))
     target, answer = rows[0]
     rng.shuffle(rows)
     csv = "item,shelf\n" + "".join(f"{item},{shelf}\n" for item, shelf in rows)

@@ -41,8 +41,10 @@ def pick(rng: random.Random, n: int, avoid: set[str]) -> list[str]:
 
 def apart(rng: random.Random, n: int, avoid: set[str]) -> list[str]:
     """`n` words of which none is part of another (so `grep WORD` finds only that word)."""
+    pool = [w for w in WORDS if w not in avoid]
+    rng.shuffle(pool)
     chosen: list[str] = []
-    for word in rng.sample([w for w in WORDS if w not in avoid], len(WORDS) - len(avoid)):
+    for word in pool:
         if all(word not in other and other not in word for other in chosen):
             chosen.append(word)
         if len(chosen) == n:

@@ -26,7 +26,7 @@ from sekft.errors import ConfigError, ScenarioError, run_cli
 from sekft.eval import EpisodeConfig, run_episode
 from sekft.sandbox import warn_no_sandbox
 from sekft.scenario import load_scenario
-from sekft.scenarios import build, describe_split, families_of
+from sekft.scenarios import build, choose_families, describe_split
 from sekft.scenarios.expert import expert_policy, unseen_words
 from sekft.scenarios.world import Instance, write_scenario
 
@@ -98,12 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    available = families_of(args.split)
-    families = available if args.families is None else tuple(args.families.split(","))
-    wrong = [f for f in families if f not in available]
-    if wrong:
-        raise ConfigError(f"--families: {wrong} have no {args.split} instances; choose from "
-                          f"{', '.join(available)}")
+    families = choose_families(args.split, args.families)
     if args.seeds <= 0 or args.first_seed < 0 or args.jobs <= 0:
         raise ConfigError("--seeds and --jobs must be positive and --first-seed not negative")
     if args.no_sandbox:

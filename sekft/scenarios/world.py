@@ -17,13 +17,15 @@ import os
 import random
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sekft.errors import ConfigError
 
 # A fixed timestamp for archive members, so an archive's bytes depend on the seed only.
 ARCHIVE_MTIME = 1_764_000_000
+TURN_SLACK = 10
+COMMAND_TIMEOUT = 10
 EXECUTABLE = 0o755
 REGULAR = 0o644
 
@@ -40,7 +42,8 @@ class Instance:
     "motd") to its bytes; `executables` names the ones written with mode 0755. `commands` is
     the expert's whole episode, discovery first, ending with `exit` or `panic "..."`. `key` is
     what the task asks for (the arguments the answer depends on): the split keeps the keys of
-    held-out instances apart from those of training ones.
+    held-out instances apart from those of training ones. The turn budget is the expert's
+    length plus TURN_SLACK, room to explore and to recover from a mistake.
     """
 
     family: str
@@ -54,9 +57,6 @@ class Instance:
     commands: tuple[str, ...]
     key: tuple
     executables: frozenset[str] = frozenset()
-    turn_budget: int = 0
-    command_timeout: float = 10.0
-    meta: dict = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -69,10 +69,10 @@ class Instance:
             "family": self.family,
             "split": self.split,
             "expect": self.expect,
-            "turn_budget": self.turn_budget or len(self.commands) + 10,
-            "command_timeout": self.command_timeout,
+            "turn_budget": len(self.commands) + TURN_SLACK,
+            "command_timeout": COMMAND_TIMEOUT,
             "description": self.description,
-            "meta": {"seed": self.seed, "key": list(self.key), **self.meta},
+            "meta": {"seed": self.seed, "key": list(self.key)},
         }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 import torch
@@ -45,15 +46,25 @@ def peak_memory(device: torch.device) -> int:
 
 
 class ProgressLine:
-    """Shows progress lines: over each other on a TTY, as separate lines elsewhere (logs, CI)."""
+    """Shows progress lines: over each other on a TTY, as separate lines elsewhere (logs, CI).
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    With `report`, lines go to `report(line, **fields)` instead of the stream (the resident
+    server streams them to its client).
+    """
+
+    def __init__(
+        self, stream: TextIO | None = None, report: Callable[..., None] | None = None
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.report = report
+        self.tty = self.stream.isatty() and report is None
         self.drawn = False
 
-    def update(self, line: str) -> None:
+    def update(self, line: str, fields: dict | None = None) -> None:
         """Replace the live line (TTY) or print it as a line of its own."""
+        if self.report is not None:
+            self.report(line, **(fields or {}))
+            return
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
             self.drawn = True
@@ -63,6 +74,9 @@ class ProgressLine:
 
     def message(self, line: str) -> None:
         """Print a line that stays (an eval result, a saved checkpoint) above the live line."""
+        if self.report is not None:
+            self.report(line)
+            return
         if self.drawn:
             self.stream.write("\r\x1b[2K")
             self.drawn = False

@@ -55,3 +55,13 @@ def test_progress_message_clears_the_live_line_first_on_a_tty():
     progress.update("a")
     progress.message("saved")
     assert out.getvalue() == "\r\x1b[2Ka\r\x1b[2Ksaved\n"
+
+
+def test_progress_line_with_a_report_callback_sends_lines_and_fields_there():
+    out, seen = _Tty(), []
+    progress = ProgressLine(out, report=lambda line, **fields: seen.append((line, fields)))
+    progress.update("step 1/2", {"loss": 0.5})
+    progress.message("saved")
+    progress.close()
+    assert seen == [("step 1/2", {"loss": 0.5}), ("saved", {})]
+    assert out.getvalue() == ""

@@ -1,0 +1,283 @@
+"""Training-step throughput and peak memory: sekft against transformers + peft, in one run.
+
+    .venv/bin/python bench/train.py [--base DIR] [--len 512] [--batch 2] [--steps 3]
+
+Both sides train the same LoRA (rank 16, alpha 32, q/k/v/o/gate/up/down, no dropout) with
+AdamW on the same token rows: `--batch` rows of `--len` tokens, each row several packed
+shell sessions in which only the commands train (`--trained`, default 20% of tokens, in
+short runs between long outputs, as in real trajectories). sekft runs its own loop's step
+(`model.hidden` with document ids, the trained-positions loss, backward, AdamW);
+transformers + peft runs the usual `model(input_ids, labels=...)` step on the same rows.
+
+Each configuration runs in a fresh process, so its peak RSS is its own; results are printed
+as a table and as JSON, with ratios against transformers + peft measured in the same run.
+A profile of one sekft step (top operators by self CPU time) says where the time goes.
+
+--base defaults to a random SmolLM2-135M-shaped checkpoint (as `bench/load.py
+--make-checkpoint` writes), built once with transformers into --cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M-Instruct config.json).
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+# SmolLM2's real tokenizer and template, copied into the repo's test fixtures.
+TOKENIZER = Path(__file__).resolve().parent.parent / "tests/fixtures/templates/smollm2"
+
+
+def make_checkpoint(folder: Path) -> Path:
+    """A random float32 SmolLM2-135M-shaped llama checkpoint in `folder`, with SmolLM2's
+    tokenizer files (the loader reads them with the weights)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**SMOLLM2_135M)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(folder)
+    for f in TOKENIZER.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    return folder
+
+
+def make_rows(batch: int, length: int, vocab: int, trained: float, seed: int = 0):
+    """`batch` rows of `length` tokens: (input_ids, labels, doc_ids) as lists.
+
+    Each row packs sessions of 100-300 tokens; within a session, commands of 4-16 tokens
+    train and are followed by outputs long enough that `trained` of all tokens train.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(batch):
+        ids, labels, docs = [], [], []
+        doc = 0
+        while len(ids) < length:
+            n = min(rng.randint(100, 300), length - len(ids))
+            session_labels = [-100] * n
+            k = rng.randint(4, 12)
+            while k < n:
+                command = rng.randint(4, 16)
+                for j in range(k, min(k + command, n)):
+                    session_labels[j] = 0
+                k += command + int(command * (1 - trained) / trained)
+            session_ids = [rng.randrange(3, vocab) for _ in range(n)]
+            ids += session_ids
+            pairs = zip(session_ids, session_labels, strict=True)
+            labels += [t if y == 0 else -100 for t, y in pairs]
+            docs += [doc] * n
+            doc += 1
+        rows.append((ids, labels, docs))
+    return rows
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_sekft(args) -> dict:
+    import torch
+
+    from sekft.base import load_base
+    from sekft.lora import attach_lora, lora_parameters
+    from sekft.loss import trained_token_loss
+    from sekft.pack import Example, collate_row
+
+    torch.set_num_threads(args.threads)
+    base = load_base(args.base, dtype=torch.float32, device="cpu", load_4bit=args.four_bit)
+    model = base.model
+    attach_lora(model, 16, 32.0, 0.0, TARGETS)
+    model.grad_ckpt = args.grad_ckpt
+    params = list(lora_parameters(model).values())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    rows = []
+    for ids, labels, docs in make_rows(args.batch, args.len, base.config.vocab_size, args.trained):
+        # The row's sessions back as Examples, so collate_row packs them as the trainer does.
+        bounds = [0] + [i for i in range(1, len(docs)) if docs[i] != docs[i - 1]] + [len(docs)]
+        spans = zip(bounds, bounds[1:], strict=False)
+        sessions = [Example(ids[a:b], labels[a:b]) for a, b in spans]
+        rows.append(collate_row(sessions))
+    n_trained = sum(r.n_trained for r in rows)
+    model.train()
+
+    def step(timings: dict | None = None) -> None:
+        for row in rows:
+            t0 = time.perf_counter()
+            hidden = model.hidden(row.input_ids, row.position_ids, row.doc_ids)
+            t1 = time.perf_counter()
+            loss, _ = trained_token_loss(hidden, model.output_weight(), row.labels)
+            t2 = time.perf_counter()
+            (loss / n_trained).backward()
+            t3 = time.perf_counter()
+            if timings is not None:
+                timings["forward"] += t1 - t0
+                timings["loss"] += t2 - t1
+                timings["backward"] += t3 - t2
+        t4 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if timings is not None:
+            timings["optimizer"] += time.perf_counter() - t4
+
+    return measure(step, args, sum(r.input_ids.numel() for r in rows), profile=True)
+
+
+def worker_hf(args) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    kwargs = {}
+    if args.four_bit:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        args.base, dtype=torch.float32, **kwargs
+    )
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable()
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                             task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    rows = make_rows(args.batch, args.len, model.config.vocab_size, args.trained)
+    input_ids = torch.tensor([r[0] for r in rows])
+    labels = torch.tensor([r[1] for r in rows])
+    model.train()
+
+    def step(timings: dict | None = None) -> None:
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return measure(step, args, input_ids.numel(), profile=False)
+
+
+def measure(step, args, tokens_per_step: int, profile: bool) -> dict:
+    import torch
+
+    step()  # warm-up: allocator, kernels, optimizer state
+    timings = {"forward": 0.0, "loss": 0.0, "backward": 0.0, "optimizer": 0.0}
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step(timings)
+    elapsed = time.perf_counter() - started
+    result = {
+        "tokens_per_s": tokens_per_step * args.steps / elapsed,
+        "peak_rss": peak_rss(),
+        "step_s": elapsed / args.steps,
+    }
+    if profile:
+        result["phases_s"] = {k: v / args.steps for k, v in timings.items()}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return result
+
+
+def run_worker(args, side: str, four_bit: bool, grad_ckpt: bool) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", side, "--base", str(args.base),
+        "--len", str(args.len), "--batch", str(args.batch), "--steps", str(args.steps),
+        "--trained", str(args.trained), "--threads", str(args.threads),
+    ]  # fmt: skip
+    if four_bit:
+        cmd.append("--four-bit")
+    if grad_ckpt:
+        cmd.append("--grad-ckpt")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", type=Path)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/sekft-bench/smollm2-135m"))
+    parser.add_argument("--len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--trained", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["lora", "4bit"], help="run one configuration")
+    parser.add_argument("--worker", choices=["sekft", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--four-bit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = (worker_sekft if args.worker == "sekft" else worker_hf)(args)
+        print(json.dumps(result))
+        return 0
+
+    args.base = args.base or make_checkpoint(args.cache)
+    configs = [("lora", False), ("4bit", True)]
+    results = {}
+    for name, four_bit in configs:
+        if args.only and args.only != name:
+            continue
+        hf = run_worker(args, "hf", four_bit, False)
+        ours = run_worker(args, "sekft", four_bit, False)
+        ours_ckpt = run_worker(args, "sekft", four_bit, True)
+        results[name] = {"transformers+peft": hf, "sekft": ours, "sekft --grad-ckpt": ours_ckpt}
+
+    print(f"base {args.base}, len {args.len}, batch {args.batch}, {args.trained:.0%} trained, "
+          f"{args.threads} threads, {args.steps} steps")
+    print(f"{'config':<8} {'side':<20} {'tok/s':>8} {'peak RSS':>10} {'x tok/s':>8} {'x mem':>7}")
+    for name, sides in results.items():
+        hf = sides["transformers+peft"]
+        for side, r in sides.items():
+            if "error" in r:
+                print(f"{name:<8} {side:<20} error: {r['error']}")
+                continue
+            speed = mem = ""
+            if "error" not in hf:
+                speed = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}"
+                mem = f"{r['peak_rss'] / hf['peak_rss']:.2f}"
+            print(f"{name:<8} {side:<20} {r['tokens_per_s']:8.1f} "
+                  f"{r['peak_rss'] / 2**30:8.2f}GB {speed:>8} {mem:>7}")
+    for name, sides in results.items():
+        ours = sides["sekft"]
+        if "phases_s" in ours:
+            phases = ", ".join(f"{k} {v:.2f}s" for k, v in ours["phases_s"].items())
+            print(f"\nsekft {name} step phases: {phases}\n{ours['profile']}")
+    summary = {n: {s: {k: v for k, v in r.items() if k != "profile"} for s, r in sides.items()}
+               for n, sides in results.items()}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

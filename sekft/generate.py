@@ -1,0 +1,252 @@
+"""Replies for the evaluator: our model (+ adapter) with its KV cache, or any OpenAI-compatible
+chat-completions server, both as policies (`messages -> Reply`) for `sekft.eval`.
+
+Local generation renders the session with the model's own chat template (after
+`normalize_for_template`, as a server must), generates greedily by default (or with
+temperature / top-p) until an end-of-turn token or the length limit, and turns the tokens
+into the assistant message's content so that rendering the session again reproduces exactly
+the tokens the model generated: glue the template puts around content (a leading space or
+newline, say) is taken off. A reply that cannot round-trip is recorded as a render-contract
+violation on the episode, with the closest content kept.
+
+`--endpoint URL --model NAME` sends the same messages to URL's /v1/chat/completions through
+urllib (a vLLM serving the base and the adapter, say).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+
+from sekft.errors import ConfigError, TemplateError
+from sekft.eval import ContextExhausted, Policy, Reply
+from sekft.mask import end_of_turn_ids
+from sekft.model import Decoder, KVCache
+from sekft.template import ChatTemplate, normalize_for_template
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens: temperature 0 is greedy; top_p keeps the smallest likely set."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [V] with everything outside the nucleus zeroed, renormalised.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches `top_p`; the
+    most likely token is always kept.
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = torch.sort(probs, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=0) - sorted_probs
+    sorted_probs[mass_before >= top_p] = 0.0
+    kept = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return kept / kept.sum()
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """The next token id from logits [V]: argmax when temperature is 0, else a sample."""
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+    probs = top_p_filter(probs, sampling.top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_ids(
+    model: Decoder,
+    prompt_ids: Sequence[int],
+    stop_ids: frozenset[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    generator: torch.Generator,
+) -> list[int]:
+    """Token ids generated after `prompt_ids`, through the first stop id (kept) or
+    `max_new_tokens`, one token per forward on a KV cache."""
+    device = model.output_weight().device
+    cache = KVCache(len(model.model.layers))
+    logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache)[0, -1]
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        token = next_token(logits, sampling, generator)
+        out.append(token)
+        if token in stop_ids or len(out) == max_new_tokens:
+            break
+        logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+    return out
+
+
+def content_candidates(body: str) -> list[str]:
+    """Ways the template may have glued `body` in, most trimmed first: the glue goes, and the
+    content as generated is the last resort."""
+    return list(dict.fromkeys([body.strip(), body.lstrip(), body.rstrip(), body]))
+
+
+def reply_content(
+    messages: list[dict],
+    generated: str,
+    end_strings: Sequence[str],
+    template: ChatTemplate,
+) -> tuple[str, str | None]:
+    """The assistant content for `generated` text (prompt excluded) and a violation or None.
+
+    The content is the generated text up to its first end-of-turn string, with template glue
+    taken off: the first candidate c (content_candidates) for which
+    render(messages + [assistant c]) continues the generation prompt with exactly
+    `generated` (or, when generation stopped at the length limit, with a prefix thereof).
+    """
+    ends = [i for i in (generated.find(s) for s in end_strings) if i >= 0]
+    body = generated[: min(ends)] if ends else generated
+    prompt = template.render(messages, add_generation_prompt=True)
+    for content in content_candidates(body):
+        try:
+            text = template.render(messages + [{"role": "assistant", "content": content}])
+        except TemplateError:
+            continue
+        if text.startswith(prompt + generated):
+            return content, None
+    return body.strip(), (
+        f"the reply {generated[:60]!r} does not round-trip through the chat template: no "
+        "content renders back to the generated text"
+    )
+
+
+class ModelPolicy:
+    """Our model as a policy; `base_only` runs it with its LoRA layers disabled (--baseline)."""
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, template: ChatTemplate,
+                 sampling: Sampling, max_context: int, base_only: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.sampling = sampling
+        self.max_context = max_context
+        self.base_only = base_only
+        self.stop_ids = end_of_turn_ids(template, tokenizer)
+        self.generator = torch.Generator().manual_seed(sampling.seed)
+
+    def __call__(self, messages: list[dict]) -> Reply:
+        messages = normalize_for_template(messages)
+        prompt = self.template.render(messages, add_generation_prompt=True)
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        room = self.max_context - len(prompt_ids)
+        if room < 1:
+            raise ContextExhausted
+        if self.base_only:
+            from sekft.lora import lora_disabled
+
+            disabled = lora_disabled(self.model)
+        else:
+            disabled = nullcontext()
+        with disabled:
+            ids = generate_ids(self.model, prompt_ids, self.stop_ids,
+                               min(self.sampling.max_new_tokens, room), self.sampling,
+                               self.generator)
+        generated = self.tokenizer.decode(ids, skip_special_tokens=False)
+        content, violation = reply_content(messages, generated,
+                                           self.template.end_of_turn_strings, self.template)
+        if violation is None:
+            violation = self._retokenize_check(messages, content, prompt_ids, ids)
+        return Reply(content, tokens=len(ids), violation=violation)
+
+    def _retokenize_check(self, messages: list[dict], content: str, prompt_ids: list[int],
+                          ids: list[int]) -> str | None:
+        """The text round-trips; do its tokens? (A model can emit a non-canonical split.)"""
+        text = self.template.render(messages + [{"role": "assistant", "content": content}])
+        again = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if again[: len(prompt_ids) + len(ids)] == list(prompt_ids) + ids:
+            return None
+        return (f"the reply {content[:60]!r} renders to the same text but tokenizes "
+                "differently from what the model generated")
+
+
+class EndpointPolicy:
+    """An OpenAI-compatible chat-completions server as a policy (urllib, no dependency)."""
+
+    def __init__(self, url: str, model: str, sampling: Sampling, timeout: float = 600.0):
+        base = url.rstrip("/")
+        if not base.endswith("/chat/completions"):
+            base = base + ("/chat/completions" if base.endswith("/v1") else
+                           "/v1/chat/completions")
+        self.url = base
+        self.model = model
+        self.sampling = sampling
+        self.timeout = timeout
+
+    def __call__(self, messages: list[dict]) -> Reply:
+        body = {
+            "model": self.model,
+            "messages": normalize_for_template(messages),
+            "max_tokens": self.sampling.max_new_tokens,
+            "temperature": self.sampling.temperature,
+            "top_p": self.sampling.top_p,
+            "seed": self.sampling.seed,
+        }
+        request = urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                answer = json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")[:300]
+            if e.code == 400 and "context" in detail.lower():
+                raise ContextExhausted from None
+            raise ConfigError(f"--endpoint {self.url}: HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(f"--endpoint {self.url}: cannot reach the server ({e}); is it "
+                              "running and serving --model?") from None
+        try:
+            content = answer["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise ConfigError(f"--endpoint {self.url}: not a chat-completions answer: "
+                              f"{str(answer)[:200]}") from None
+        tokens = (answer.get("usage") or {}).get("completion_tokens", 0)
+        return Reply(content, tokens=int(tokens or 0))
+
+
+def policies_from_args(args: argparse.Namespace) -> dict[str, Policy]:
+    """The runs `sekft-eval` asked for, by name: "adapter" (and "base" with --baseline), or
+    "base" alone without an adapter; with --endpoint, the served model names."""
+    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    if args.endpoint:
+        names = [args.model] + ([args.baseline_model] if args.baseline else [])
+        return {name: EndpointPolicy(args.endpoint, name, sampling) for name in names}
+    from sekft.base import DTYPES, load_base
+
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    base = load_base(args.base, dtype=dtype, device=args.device, load_4bit=args.load_4bit)
+    if base.chat_template is None:
+        raise TemplateError(f"{base.path}: the base has no chat template; sekft-eval renders "
+                            "sessions with the model's own template")
+    template = ChatTemplate(base.chat_template, base.special_tokens)
+    max_context = args.max_context or base.config.max_position_embeddings
+
+    def policy(base_only: bool) -> ModelPolicy:
+        return ModelPolicy(base.model, base.tokenizer, template, sampling, max_context, base_only)
+
+    if not args.adapter:
+        return {"base": policy(False)}
+    from sekft.lora import load_adapter
+
+    load_adapter(base.model, args.adapter)
+    runs = {"adapter": policy(False)}
+    if args.baseline:
+        runs["base"] = policy(True)
+    return runs

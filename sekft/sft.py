@@ -116,7 +116,7 @@ class TrainData:
 
     train: list[Example]
     val: list[Example]
-    sessions: list  # the normalised sessions behind train + val, for --inspect
+    sessions: list  # (index in the data, normalised Session) behind train + val, for --inspect
     untrained: list[str]  # sources of sessions with no trained token (dropped)
     overlong: list[Example]  # sessions longer than max_len (dropped)
     violations: int  # mask-check findings over kept sessions (see sekft.mask)
@@ -148,7 +148,7 @@ def prepare_data(cfg: TrainConfig, template, tokenizer) -> TrainData:
     )
     digest = hashlib.sha256()
     examples, kept, untrained, violations = [], [], [], 0
-    for session, source, enc in zip(sessions, sources, encoded, strict=True):
+    for index, (session, source, enc) in enumerate(zip(sessions, sources, encoded, strict=True)):
         digest.update(json.dumps(enc.messages, sort_keys=True).encode() + b"\n")
         example = Example(enc.input_ids, enc.labels, source)
         if example.n_trained == 0:
@@ -158,7 +158,7 @@ def prepare_data(cfg: TrainConfig, template, tokenizer) -> TrainData:
             continue
         violations += len(enc.violations)
         examples.append(example)
-        kept.append(dataclasses.replace(session, messages=enc.messages))
+        kept.append((index, dataclasses.replace(session, messages=enc.messages)))
     if untrained and cfg.strict:
         raise DataError(f"{untrained[0]}: nothing to train on; remove it or drop --strict")
     fits, overlong = drop_overlong(examples, cfg.max_len, cfg.strict)
@@ -168,7 +168,7 @@ def prepare_data(cfg: TrainConfig, template, tokenizer) -> TrainData:
             f"{len(overlong)} exceed --max-len {cfg.max_len})"
         )
     too_long = {e.source for e in overlong}
-    kept = [s for s, e in zip(kept, examples, strict=True) if e.source not in too_long]
+    kept = [k for k, e in zip(kept, examples, strict=True) if e.source not in too_long]
     held_out = split_validation(len(fits), cfg.val_fraction, cfg.seed)
     return TrainData(
         train=[e for i, e in enumerate(fits) if i not in held_out],
@@ -609,12 +609,18 @@ def config_from_args(argv: list[str] | None) -> TrainConfig:
 
 
 def inspect(cfg: TrainConfig) -> int:
-    """Run the mask inspector on exactly the sessions training would use, without weights."""
+    """Run the mask inspector on exactly the sessions training would use (normalised, those
+    with nothing to train and the overlong ones left out), loading no weights; 1 on failure."""
     from sekft.mask import inspect_sessions
 
     _, template, tokenizer = _template_and_tokenizer(cfg, None)
     data = prepare_data(cfg, template, tokenizer)
-    return inspect_sessions(data.sessions, template, tokenizer, strict=cfg.strict)
+    indices, sessions = zip(*data.sessions, strict=True)
+    report = inspect_sessions(
+        [s.messages for s in sessions], template, tokenizer, sys.stdout, strict=cfg.strict,
+        color=sys.stdout.isatty(), indices=indices,
+    )  # fmt: skip
+    return 1 if report.failed else 0
 
 
 def _main(argv: list[str] | None) -> int:

@@ -149,7 +149,7 @@ def make_harness(harness: Path, sandbox: bool) -> None:
 def limits_prefix(limits: Limits) -> list[str]:
     """argv prefix that applies `limits` (hard and soft) and then execs the rest of argv."""
     script = (
-        f"ulimit -H -S -u {limits.processes} -f {limits.file_bytes // 1024} "
+        f"ulimit -H -S -c 0 -u {limits.processes} -f {limits.file_bytes // 1024} "
         f"-v {limits.memory_bytes // 1024} -t {limits.cpu_seconds} && exec \"$@\""
     )
     return ["/bin/bash", "-c", script, "sekft-limits"]

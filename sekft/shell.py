@@ -17,11 +17,14 @@ The shell is interactive (job control, Ctrl-C, `cd` and variables persist) but t
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pexpect
 
@@ -148,10 +151,16 @@ class Shell:
     def close(self) -> None:
         """Kill the shell and, with it, everything in its sandbox."""
         if self.child is not None:
+            if self.sandbox.bwrap is not None:
+                # Kill bubblewrap's inner process first, so the outer one reaps it: killed
+                # from outside, the inner one is orphaned and left a zombie under a pid 1
+                # that may not reap (a container's). Its pid namespace dies with it.
+                for pid in child_pids(self.child.pid):
+                    _kill(pid)
             try:
                 self.child.close(force=True)
             except pexpect.ExceptionPexpect:
-                self.child.kill(9)
+                self.child.kill(signal.SIGKILL)
             self.child = None
 
     @property
@@ -195,11 +204,18 @@ class Shell:
             self.status = 2
             return CommandResult(command, error.encode(), status=2, cwd=self.cwd,
                                  timeout=timeout, syntax_error=True)
-        assert self.child is not None
-        self.child.send(("{ " + command + "\n}\n").encode("utf-8", "replace"))
-        capture = _Capture(self.keep)
         result = CommandResult(command, b"", cwd=self.cwd, timeout=timeout)
-        outcome = self._read(capture, time.monotonic() + timeout)
+        if not self.alive:
+            # Ended between commands (a background job killed it, say): the session is over.
+            result.ended = True
+            return result
+        assert self.child is not None
+        capture = _Capture(self.keep)
+        try:
+            self.child.send(("{ " + command + "\n}\n").encode("utf-8", "replace"))
+            outcome = self._read(capture, time.monotonic() + timeout)
+        except OSError:
+            outcome = "eof"
         if outcome == "timeout":
             result.timed_out = True
             self.child.sendcontrol("c")
@@ -225,7 +241,7 @@ class Shell:
         Sent hidden (leading space, so not in history) and followed by `(exit N)` so the
         model's next `$?` is still its own command's status.
         """
-        if "\n" in word or "\x00" in word or self.child is None:
+        if "\n" in word or "\x00" in word or not self.alive:
             return ""
         quoted = "'" + word.replace("'", "'\\''") + "'"
         self.child.send(f" type -t -- {quoted} 2>/dev/null; (exit {self.status})\n".encode())
@@ -233,6 +249,27 @@ class Shell:
         if self._read(capture, time.monotonic() + 10.0) != "prompt":
             return ""
         return capture.output().decode("utf-8", "replace").strip()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Host pids of `pid`'s direct children (from /proc; [] when it is gone)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name may hold spaces and parentheses: split after its last ')'.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _strip_panic(output: bytes) -> tuple[bytes, str | None]:

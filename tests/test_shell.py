@@ -1,7 +1,9 @@
 """The persistent sandboxed bash: one behaviour per test, short timeouts throughout."""
 
+import time
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sekft.observation import cap, clean, login, observe
@@ -129,6 +131,7 @@ def test_cap_keeps_head_and_tail_and_counts_what_it_dropped():
     assert cap(text, 50) == "a" * 25 + "\n[... 150 bytes omitted ...]\n" + "b" * 25
 
 
+@settings(max_examples=50, deadline=None)
 @given(st.text(max_size=300), st.integers(min_value=2, max_value=200))
 def test_cap_is_identity_when_text_fits_and_bounded_otherwise(text, max_bytes):
     capped = cap(text, max_bytes)
@@ -152,3 +155,9 @@ def test_observation_newline_terminates_output_then_prompt():
 def test_observation_notes_an_interrupted_command():
     result = CommandResult("sleep 9", b"\r\n", status=130, timeout=2, timed_out=True)
     assert observe(result, "$ ") == "\n[sekft: no prompt 2s after the command; sent Ctrl-C]\n$ "
+
+
+def test_shell_that_died_between_commands_reports_the_session_ended(shell):
+    shell.run("(sleep 0.2; kill -9 $$) > /dev/null 2>&1 &", timeout=5)
+    time.sleep(0.6)
+    assert shell.run("echo too late", timeout=5).ended

@@ -311,6 +311,24 @@ def test_full_mode_trains_every_weight_and_saves_a_base_our_loader_reads(tiny_ll
     assert trained.chat_template == original.chat_template
 
 
+def test_grad_ckpt_trains_the_same_adapter(tiny_llama, tmp_path):
+    plain = train(config(tiny_llama, tmp_path / "plain", max_steps=2))
+    ckpt = train(config(tiny_llama, tmp_path / "ckpt", max_steps=2, grad_ckpt=True))
+    a, b = adapter_tensors(plain.out), adapter_tensors(ckpt.out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_a_4bit_base_trains_its_adapter_and_loss_falls(tiny_llama, tmp_path):
+    write_sessions(tmp_path / "data.jsonl", 24, turns=(1, 2), distinct=3)
+    result = train(config(tiny_llama, tmp_path, load_4bit=True, max_steps=6, lr=1e-2,
+                          dropout=0.0))
+    metrics = [json.loads(line) for line in (Path(result.out) / "metrics.jsonl").open()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    lora_b = [t for k, t in adapter_tensors(result.out).items() if "lora_B" in k]
+    assert lora_b and all(t.abs().max() > 0 for t in lora_b)
+
+
 def test_resume_refuses_changed_data(tiny_llama, tmp_path):
     cfg = config(tiny_llama, tmp_path, max_steps=2)
     train(cfg)

@@ -14,6 +14,10 @@ A failing setup.sh is a scenario error: listed, never counted against the model.
 
 A policy is any `Callable[[list[dict]], str | Reply]`: the messages so far -> the next
 command line. It raises `ContextExhausted` when the session no longer fits its context.
+
+Recording training trajectories uses the same path, so training and eval observations are
+identical by construction: `run_episode(scenario, replay(expert_commands), EpisodeConfig())`
+then `transcript_record(episode)` is one line of training data (`messages` + facts).
 """
 
 from __future__ import annotations

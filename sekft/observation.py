@@ -13,9 +13,9 @@ Every later user turn is the output of the previous command line:
     <output, cleaned, capped, newline-terminated if not empty>[<note>\\n]<prompt>
 
 - cleaned: decoded as UTF-8 (bad bytes become U+FFFD); `\\r\\n` becomes `\\n`; ANSI escape
-  sequences (CSI, OSC, two-byte ESC) are removed; a lone `\\r` inside a line keeps only what
-  follows it, as a terminal would overwrite (progress bars); other control characters
-  except tab are removed.
+  sequences (CSI, OSC, two-byte ESC) are removed; a lone `\\r` returns to the start of the
+  line and what follows overwrites it, as on a terminal (`10%\\r100%` shows `100%`, a CRLF
+  file shows its lines); other control characters except tab are removed.
 - capped: at most `max_bytes` UTF-8 bytes of output; a longer output keeps its first and
   last `max_bytes // 2` bytes around the line `[... N bytes omitted ...]`, where N counts
   the cleaned bytes dropped plus the raw bytes the shell reader had already dropped.
@@ -45,8 +45,15 @@ def clean(raw: bytes) -> str:
     """Terminal bytes -> the text a reader of the terminal would see (rules in the docstring)."""
     text = raw.decode("utf-8", "replace").replace("\r\n", "\n")
     text = ANSI_RE.sub("", text)
-    lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
-    return CONTROL_RE.sub("", "\n".join(lines))
+    return CONTROL_RE.sub("", "\n".join(overwrite(line) for line in text.split("\n")))
+
+
+def overwrite(line: str) -> str:
+    """A line as a terminal shows it: each `\\r` returns to column 0 and later text overwrites."""
+    shown = ""
+    for part in line.split("\r"):
+        shown = part + shown[len(part):]
+    return shown
 
 
 def cap(text: str, max_bytes: int = MAX_OUTPUT_BYTES, already_omitted: int = 0) -> str:

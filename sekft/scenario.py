@@ -62,6 +62,10 @@ with SEKFT_SCENARIO as above and:
 
 Exit 0 means the episode passed. A scenario that expects `panic` should check
 SEKFT_ENDING=panic itself; the harness reports the correct-panic rate separately.
+
+Prefer "$HOME" and "$MAIL" to spelled-out paths in setup.sh and check.sh: with --no-sandbox
+(no bubblewrap, a throwaway machine only) they point into the world folder, while absolute
+paths such as /usr/local or /etc/motd would be the host's own.
 """
 
 from __future__ import annotations

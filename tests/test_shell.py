@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sekft.observation import cap, clean, login, observe
+from sekft.observation import cap, clean, login, observe, overwrite
 from sekft.sandbox import Sandbox, find_bwrap
 from sekft.shell import CommandResult, Shell, syntax_error
 
@@ -124,6 +124,13 @@ def test_type_probe_keeps_the_models_exit_status(shell):
 def test_clean_strips_ansi_and_applies_carriage_returns():
     raw = b"\x1b[31mred\x1b[0m\r\n10%\r50%\r100%\r\n\x1b]0;title\x07done\x07\r\n"
     assert clean(raw) == "red\n100%\ndone\n"
+
+
+@pytest.mark.parametrize(("line", "shown"), [
+    ("10%\r50%\r100%", "100%"), ("hello\rJ", "Jello"), ("crlf file line\r", "crlf file line"),
+])
+def test_carriage_return_overwrites_like_a_terminal(line, shown):
+    assert overwrite(line) == shown
 
 
 def test_cap_keeps_head_and_tail_and_counts_what_it_dropped():

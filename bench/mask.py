@@ -20,12 +20,13 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sekft.mask import encode_sessions  # noqa: E402
+from sekft.mask import encode_sessions, session_renders  # noqa: E402
 from sekft.template import ChatTemplate, normalize_for_template  # noqa: E402
 from sekft.tokenizer import load_tokenizer  # noqa: E402
 
@@ -79,13 +80,15 @@ def shell_sessions(n: int, seed: int = 0) -> list[list[dict]]:
     return sessions
 
 
-def best_rate(run, repeat: int) -> float:
-    """Best wall time of `repeat` calls to run(), in seconds."""
-    best = float("inf")
+def best_times(contenders: list[tuple[str, Callable[[], object]]], repeat: int) -> list[float]:
+    """Best wall time of each contender over `repeat` rounds, run round-robin so that load
+    from elsewhere on the machine falls on every contender alike."""
+    best = [float("inf")] * len(contenders)
     for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
+        for n, (_, run) in enumerate(contenders):
+            start = time.perf_counter()
+            run()
+            best[n] = min(best[n], time.perf_counter() - start)
     return best
 
 
@@ -99,34 +102,43 @@ def main(argv: list[str] | None = None) -> int:
     sessions = shell_sessions(args.sessions)
     template = ChatTemplate.from_folder(args.template)
     tokenizer = load_tokenizer(args.template)
+    generation = ChatTemplate(CHATML_GENERATION, template.special_tokens)
     encoded = encode_sessions(sessions, template, tokenizer)
     tokens = sum(len(e.input_ids) for e in encoded)
-    rows = [("sekft encode_sessions (stock template, all checks)",
-             best_rate(lambda: encode_sessions(sessions, template, tokenizer), args.repeat))]
-    generation = ChatTemplate(CHATML_GENERATION, template.special_tokens)
-    rows.append(("sekft encode_sessions (generation-tagged ChatML)",
-                 best_rate(lambda: encode_sessions(sessions, generation, tokenizer), args.repeat)))
+    texts = [e.text for e in encoded]
+    contenders = [
+        ("sekft encode_sessions (stock template, all checks)",
+         lambda: encode_sessions(sessions, template, tokenizer)),
+        ("  of which: renders R, every P_i and H_i",
+         lambda: [session_renders(m, template) for m in sessions]),
+        ("  of which: tokenizing R with offsets (both pay it)",
+         lambda: tokenizer.encode_batch(texts, add_special_tokens=False)),
+        ("sekft encode_sessions (generation-tagged ChatML)",
+         lambda: encode_sessions(sessions, generation, tokenizer)),
+    ]
     try:
         from transformers import PreTrainedTokenizerFast
     except ImportError:
-        hf = None
-    else:
+        PreTrainedTokenizerFast = None
+    if PreTrainedTokenizerFast is not None:
         hf = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(args.template),
                                      **template.special_tokens)
-    if hf is not None:
-        hf.chat_template = template.source
-        rows.append(("transformers render only (stock template)", best_rate(
-            lambda: hf.apply_chat_template(sessions, tokenize=False), args.repeat)))
-        hf.chat_template = CHATML_GENERATION
-        rows.append(("transformers return_assistant_tokens_mask", best_rate(
-            lambda: hf.apply_chat_template(sessions, tokenize=True, return_dict=True,
-                                           return_assistant_tokens_mask=True), args.repeat)))
-    baseline = rows[-1][1] if hf is not None else None
+        contenders += [
+            ("transformers render only (stock template)",
+             lambda: hf.apply_chat_template(sessions, chat_template=template.source,
+                                            tokenize=False)),
+            ("transformers return_assistant_tokens_mask",
+             lambda: hf.apply_chat_template(sessions, chat_template=CHATML_GENERATION,
+                                            tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)),
+        ]
+    times = best_times(contenders, args.repeat)
+    baseline = times[-1] if PreTrainedTokenizerFast is not None else None
     print(f"{args.sessions} sessions, {tokens} tokens ({tokens / args.sessions:.0f}/session), "
-          f"template {args.template}")
-    for name, seconds in rows:
+          f"template {args.template}, best of {args.repeat} round-robin rounds")
+    for (name, _), seconds in zip(contenders, times, strict=True):
         ratio = f"{baseline / seconds:5.2f}x" if baseline else "  n/a"
-        print(f"  {name:<52} {args.sessions / seconds:8.0f} sessions/s "
+        print(f"  {name:<54} {args.sessions / seconds:8.0f} sessions/s "
               f"{tokens / seconds:10.0f} tokens/s  {ratio} vs transformers' mask path")
     return 0
 

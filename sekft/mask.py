@@ -29,6 +29,8 @@ import sys
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import compress
+from operator import itemgetter
 from pathlib import Path
 from typing import TextIO
 
@@ -196,17 +198,22 @@ def labels_from_mask(input_ids: Sequence[int], trained: Sequence[int]) -> list[i
 
 
 def check_serve_prefix(
-    turn: int, text: str, prompt: str, input_ids: Sequence[int], prompt_ids: Sequence[int]
+    turn: int, text: str, prompt: str, input_ids: Sequence[int], prompt_ids: Sequence[int],
+    known: int = 0,
 ) -> list[Violation]:
-    """P_i must be a prefix of R as text, and its own tokens a prefix of R's tokens."""
+    """P_i must be a prefix of R as text, and its own tokens a prefix of R's tokens.
+
+    The prompt's tokens are input_ids[:known] + prompt_ids (see `prompt_token_ids`; known=0
+    when prompt_ids are all of them).
+    """
     if not text.startswith(prompt):
         at = first_difference(text, prompt)
         detail = (f"the prompt differs from the render at char {at}: render "
                   f"{text[at:at + 20]!r}, prompt {prompt[at:at + 20]!r}")
         return [Violation("serve-prefix", turn, detail)]
-    n = len(prompt_ids)
-    if list(input_ids[:n]) != list(prompt_ids):
-        at = first_difference(input_ids, prompt_ids)
+    if input_ids[known : known + len(prompt_ids)] != prompt_ids:
+        at = known + first_difference(input_ids[known:], prompt_ids)
+        prompt_ids = [*input_ids[:known], *prompt_ids]
         detail = (f"the prompt tokenizes differently from the render at token {at}: render "
                   f"{list(input_ids[at:at + 3])}, prompt {list(prompt_ids[at:at + 3])}")
         return [Violation("serve-prefix", turn, detail)]
@@ -251,7 +258,7 @@ def trained_chars(
 ) -> list[tuple[int, int]]:
     """Character ranges covered by trained tokens, merged (read off labels, not the spans)."""
     ranges: list[tuple[int, int]] = []
-    for k in [k for k, label in enumerate(labels) if label != IGNORE]:
+    for k in compress(range(len(labels)), [label != IGNORE for label in labels]):
         s, e = offsets[k]
         if s == e:
             continue
@@ -264,7 +271,7 @@ def trained_chars(
 
 def check_coverage(
     spans: Sequence[Span], offsets: Sequence[tuple[int, int]], labels: Sequence[int],
-    messages: Sequence[Mapping], text: str,
+    messages: Sequence[Mapping], text: str, ends: Sequence[int] | None = None,
 ) -> list[Violation]:
     """Every token of each trained turn's content trains, and no token outside the spans does.
 
@@ -273,7 +280,7 @@ def check_coverage(
     swallowing it is reported by the straddle check instead.
     """
     found = []
-    ends = [e for _, e in offsets]
+    ends = ends if ends is not None else [e for _, e in offsets]
     for s in spans:
         if s.content is None:
             found.append(Violation("coverage", s.turn, "the turn's content is not in its own "
@@ -330,12 +337,13 @@ def prompt_tail(
 def prompt_token_ids(
     tokenizer: Tokenizer, prompts: Sequence[str], texts: Sequence[str],
     encodings: Sequence[tuple[list[int], list[tuple[int, int]], list[int]]],
-) -> list[list[int]]:
+) -> list[tuple[int, list[int]]]:
     """Each prompt tokenized alone, as a server would, with its render's tokens reused.
 
     prompts[n] is a prompt of the session whose render is texts[n] and whose (input_ids,
-    offsets, ends) are encodings[n]. Only the tail after the last splitting token is tokenized
-    (one batched call); a tail that does not start as expected is tokenized whole.
+    offsets, ends) are encodings[n]. Returns (known, ids) per prompt: its tokens are
+    input_ids[:known] + ids. Only the tail after the last splitting token is tokenized (one
+    batched call); a tail that does not start as expected is tokenized whole (known=0).
     """
     splitters = splitting_token_ids(tokenizer)
     cuts = [prompt_tail(p, t, e[0], e[1], e[2], splitters)
@@ -343,12 +351,10 @@ def prompt_token_ids(
     tails = tokenizer.encode_batch([tail for _, tail in cuts], add_special_tokens=False)
     result = []
     for (k, _), tail, prompt, (ids, _, _) in zip(cuts, tails, prompts, encodings, strict=True):
-        if k == 0:
-            result.append(tail.ids)
-        elif tail.ids[:1] == [ids[k]]:
-            result.append(ids[:k] + tail.ids)
+        if k == 0 or tail.ids[:1] == [ids[k]]:
+            result.append((k, tail.ids))
         else:
-            result.append(tokenizer.encode(prompt, add_special_tokens=False).ids)
+            result.append((0, tokenizer.encode(prompt, add_special_tokens=False).ids))
     return result
 
 
@@ -377,7 +383,7 @@ def encode_sessions(
     encodings = []
     for e in tokenizer.encode_batch([r.text for r in all_renders], add_special_tokens=False):
         offsets = e.offsets
-        encodings.append((e.ids, offsets, [end for _, end in offsets]))
+        encodings.append((e.ids, offsets, list(map(itemgetter(1), offsets))))
     owners = [n for n, r in enumerate(all_renders) for _ in r.prompts]
     prompt_ids = iter(prompt_token_ids(
         tokenizer,
@@ -422,7 +428,7 @@ def mask_session(
     input_ids: list[int],
     offsets: list[tuple[int, int]],
     ends: list[int],
-    prompt_ids: Mapping[int, list[int]],
+    prompt_ids: Mapping[int, tuple[int, list[int]]],
     eot_ids: frozenset[int],
 ) -> Encoded:
     """Spans, mask, labels and every check for one rendered and tokenized session."""
@@ -432,7 +438,8 @@ def mask_session(
         content = messages[turn]["content"]
         span = assistant_span(turn, renders, content, input_ids, offsets, ends, eot_ids)
         spans.append(span)
-        found = check_serve_prefix(turn, text, renders.prompts[turn], input_ids, prompt_ids[turn])
+        known, ids = prompt_ids[turn]
+        found = check_serve_prefix(turn, text, renders.prompts[turn], input_ids, ids, known)
         found = found or check_history(turn, text, renders.histories[turn], span)
         if not found and span.eot_token is None:
             found = check_stop(turn, span, [])
@@ -445,7 +452,7 @@ def mask_session(
         violations += check_stop(span.turn, span, labels)
     turn_of_token = {k: turn_at(kept, offsets[k][0]) for k in straddles}
     violations += check_straddle(turn_of_token, straddles, text, offsets)
-    violations += check_coverage(kept, offsets, labels, messages, text)
+    violations += check_coverage(kept, offsets, labels, messages, text, ends)
     violations.sort(key=lambda v: (v.turn, CHECKS.index(v.check)))
     return Encoded(messages, text, input_ids, labels, offsets, spans, straddles, violations)
 

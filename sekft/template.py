@@ -156,6 +156,7 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens or {})
         self.clock = clock
         self.compiled = compile_template(source)
+        self.globals = dict(self.compiled.globals)
         eos = self.special_tokens.get("eos_token")
         known = [t for t in END_OF_TURN_TOKENS if t in source]
         self.end_of_turn_strings: tuple[str, ...] = tuple(
@@ -217,15 +218,19 @@ class ChatTemplate:
         self, messages: Sequence[Mapping], add_generation_prompt: bool = False, **variables
     ) -> str:
         """`render` without the error translation: jinja's exceptions propagate."""
-        context = {**self.special_tokens, **variables}
-        context.setdefault("strftime_now", self.strftime_now)
-        return self.compiled.render(
-            messages=template_messages(messages),
-            tools=context.pop("tools", None),
-            documents=context.pop("documents", None),
-            add_generation_prompt=add_generation_prompt,
-            **context,
-        )
+        context = {
+            **self.globals,
+            "strftime_now": self.strftime_now,
+            "tools": None,
+            "documents": None,
+            **self.special_tokens,
+            **variables,
+            "messages": template_messages(messages),
+            "add_generation_prompt": add_generation_prompt,
+        }
+        # What Template.render does, minus copying the environment's globals on every call:
+        # they are already in `context` (a render per prefix makes that copy add up).
+        return "".join(self.compiled.root_render_func(self.compiled.new_context(context, True)))
 
     def strftime_now(self, format: str) -> str:
         return self.clock().strftime(format)

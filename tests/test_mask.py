@@ -34,6 +34,8 @@ from sekft.mask import (
     encode_session,
     encode_sessions,
     main,
+    prompt_token_ids,
+    session_renders,
     token_mask,
 )
 from sekft.template import ChatTemplate
@@ -153,6 +155,27 @@ def test_no_environment_byte_is_ever_trained(folder):
             assert ENV_MARK not in encoded.text[slice(*encoded.offsets[k])]
 
     never()
+
+
+@pytest.mark.parametrize("folder", TOKENIZER_FOLDERS)
+def test_prompt_tokens_reused_from_the_render_equal_tokenizing_the_prompt_alone(folder):
+    """sekft tokenizes only a prompt's tail after its last special token: never different."""
+    template, tokenizer = our_template(folder), tokenizer_of(folder)
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(messages=sessions(min_turns=2, max_turns=12), cut=st.integers(0, 10**6))
+    def same(messages, cut):
+        renders = session_renders(canonical(messages), template)
+        text = renders.text
+        prompts = [*renders.prompts.values(), text[: cut % (len(text) + 1)]]
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        reuse = (encoding.ids, encoding.offsets, [e for _, e in encoding.offsets])
+        got = prompt_token_ids(tokenizer, prompts, [text] * len(prompts), [reuse] * len(prompts))
+        for prompt, (known, ids) in zip(prompts, got, strict=True):
+            alone = tokenizer.encode(prompt, add_special_tokens=False).ids
+            assert encoding.ids[:known] + ids == alone
+
+    same()
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
@@ -322,6 +345,9 @@ def test_check_serve_prefix_compares_text_then_tokens():
     assert check_serve_prefix(1, "<p>ab", "<q>", [1, 2], [1])[0].check == "serve-prefix"
     (v,) = check_serve_prefix(1, "<p>ab", "<p>", [1, 2, 3], [1, 9])
     assert "at token 1" in v.detail
+    assert check_serve_prefix(1, "<p>ab", "<p>a", [1, 2, 3], [2], known=1) == []
+    (v,) = check_serve_prefix(1, "<p>ab", "<p>a", [1, 2, 3], [3], known=1)
+    assert "at token 1: render [2, 3], prompt [3]" in v.detail
 
 
 def test_check_history_allows_differences_after_the_turn():

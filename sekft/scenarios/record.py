@@ -9,6 +9,9 @@ copied was on screen first. One JSONL line per episode, in the training-data for
      "scenario": id, "family": ..., "split": ..., "seed": ..., "expect": ..., "ending": ...}
 
     python -m sekft.scenarios.record --split train --seeds 50 --out data/train.jsonl
+
+There is no --no-sandbox: the families' providers keep their state under /usr/local, which
+only the sandbox maps into the world; unconfined they would write to this machine's.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from pathlib import Path
 
 from sekft.errors import ConfigError, ScenarioError, run_cli
 from sekft.eval import EpisodeConfig, run_episode
-from sekft.sandbox import warn_no_sandbox
 from sekft.scenario import load_scenario
 from sekft.scenarios import build, choose_families, describe_split
 from sekft.scenarios.expert import expert_policy, unseen_words
@@ -70,6 +72,7 @@ def write_jsonl(records: list[dict], out: Path) -> None:
     """Write `records` one JSON object per line, atomically (temp file + os.replace)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    os.fchmod(fd, 0o644)  # mkstemp makes it private; data files are ordinary files
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for r in records:
@@ -91,8 +94,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated subset of the split's families (default: all)")
     p.add_argument("--out", type=Path, required=True, help="JSONL file to write")
     p.add_argument("--jobs", type=int, default=1, help="episodes run at the same time")
-    p.add_argument("--no-sandbox", action="store_true",
-                   help="run the worlds without bubblewrap (unsafe; prints a warning)")
     return p.parse_args(argv)
 
 
@@ -101,12 +102,10 @@ def _main(argv: list[str] | None) -> int:
     families = choose_families(args.split, args.families)
     if args.seeds <= 0 or args.first_seed < 0 or args.jobs <= 0:
         raise ConfigError("--seeds and --jobs must be positive and --first-seed not negative")
-    if args.no_sandbox:
-        warn_no_sandbox()
     print(describe_split(), file=sys.stderr)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     records = record(instances(args.split, seeds, families),
-                     EpisodeConfig(sandbox=not args.no_sandbox), args.jobs)
+                     EpisodeConfig(sandbox=True), args.jobs)
     write_jsonl(records, args.out)
     turns = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
     print(f"wrote {len(records)} {args.split} trajectories ({turns} commands) of "

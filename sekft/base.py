@@ -123,6 +123,8 @@ def load_model(
             model.set_submodule(
                 module_name, quant.quantize_linear(weight, bias, device, compute_dtype)
             )
+            del weight, bias
+            quant.release_freed_host_memory()
             continue
         for leaf in list(module._parameters):
             name = f"{module_name}.{leaf}" if module_name else leaf

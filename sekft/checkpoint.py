@@ -3,7 +3,8 @@
 A BASE argument is a local folder, or a hub id `org/name` already in the Hugging Face cache
 (never downloaded). Weights are safetensors only: `model.safetensors`, or shards listed in
 `model.safetensors.index.json`. Tensors are read one at a time through safetensors' memory
-map (see `read_tensor`).
+map (see `read_tensor`). The tokenizer files and the chat template are read by
+`sekft.tokenizer` and `sekft.template` from the same folder.
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ def read_json(path: Path) -> dict:
 
 def read_config(folder: Path) -> dict:
     """`config.json` of a checkpoint folder as a dict."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"{folder / 'config.json'}: missing; a base is a folder with config.json and "
+            "safetensors weights"
+        )
     return read_json(folder / "config.json")
-
-
-def read_text_if_present(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -134,7 +136,8 @@ def _file_tensor_names(path: Path) -> list[str]:
 
 def _corrupt(path: Path, error: Exception) -> CheckpointError:
     return CheckpointError(
-        f"{path}: not a readable safetensors file ({error}); it may be truncated, re-download it"
+        f"{path}: not a readable safetensors file ({error}); it is corrupt or truncated, "
+        "re-download it"
     )
 
 

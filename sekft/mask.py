@@ -111,15 +111,18 @@ def end_of_turn_ids(template: ChatTemplate, tokenizer: Tokenizer) -> frozenset[i
 def session_renders(messages: Sequence[Mapping], template: ChatTemplate) -> Renders:
     """R, and for each assistant turn i: P_i (with generation prompt) and H_i = render(m[:i+1]).
 
-    2 * (assistant turns) + 1 renders, each O(session length).
+    2 * (assistant turns) + 1 renders, each O(session length). They all read one instant of
+    the template's clock, so a date in the template (Llama 3) cannot change between them.
     """
-    text = template.render(messages)
+    now = template.clock()
+    fixed = {"strftime_now": now.strftime}
+    text = template.render(messages, **fixed)
     prompts, histories = {}, {}
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            prompts[i] = template.render(messages[:i], add_generation_prompt=True)
+            prompts[i] = template.render(messages[:i], add_generation_prompt=True, **fixed)
             last = i == len(messages) - 1
-            histories[i] = text if last else template.render(messages[: i + 1])
+            histories[i] = text if last else template.render(messages[: i + 1], **fixed)
     return Renders(text, prompts, histories)
 
 
@@ -547,15 +550,17 @@ def inspect_sessions(
     as_json: bool = False,
     color: bool = False,
     indices: Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
 ) -> InspectReport:
     """Print each session's mask (highlighted text, or one JSON object per line) and totals.
 
     The run fails when any check other than straddle fails, or any check at all when strict.
-    `indices` are the session numbers to print (default 0, 1, ...). This is what
+    `indices` are the session numbers to print (default 0, 1, ...), `names` what errors call
+    them (default "session N"; the CLI passes file:line). This is what
     `python -m sekft.mask --inspect` and `sekft-train --inspect` run.
     """
     indices = list(indices) if indices is not None else list(range(len(sessions)))
-    names = [f"session {n}" for n in indices]
+    names = list(names) if names is not None else [f"session {n}" for n in indices]
     report = InspectReport()
     for index, encoded in zip(indices, encode_sessions(sessions, template, tokenizer,
                                                        names=names), strict=True):
@@ -627,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         indices = indices[: max(args.limit, 0)]
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     report = inspect_sessions([sessions[n].messages for n in indices], template, tokenizer,
-                              sys.stdout, args.strict, args.json, color, indices)
+                              sys.stdout, args.strict, args.json, color, indices,
+                              [f"session {n} ({sessions[n].where})" for n in indices])
     return 1 if report.failed else 0
 
 

@@ -420,6 +420,25 @@ def test_shell_fixture_trains_exactly_the_commands_and_their_closers(folder, cap
         assert len(closers) == assistant_turns - len(unserved)
 
 
+def test_shell_fixture_under_llama_trains_trimmed_commands_and_eot_id():
+    """Llama 3.2's tokenizer is not in the fixtures: Qwen2.5's, whose pre-tokenizer splits text
+    as Llama 3's does (newlines kept whole before a word), given Llama's header tokens."""
+    from tokenizers import AddedToken
+
+    tokenizer = load_tokenizer(FIXTURES / "qwen2.5-instruct")
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (
+        "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")])
+    template = our_template("llama-3.2-3b-instruct")
+    sessions = [s.messages for s in read_sessions(SHELL_SESSIONS)]
+    for encoded in encode_sessions(sessions, template, tokenizer):
+        assert encoded.violations == []
+        assert "Today Date: 26 Jul 2024" in encoded.text
+        trained = tokenizer.decode([t for t in encoded.labels if t != IGNORE],
+                                   skip_special_tokens=False)
+        commands = [m["content"] for m in encoded.messages if m["role"] == "assistant"]
+        assert trained == "".join(c + "<|eot_id|>" for c in commands)
+
+
 def test_shell_fixture_under_mistral_reports_the_commands_its_prompt_splits(capsys):
     """`[/INST]` + `./provider` tokenizes as `].` `/`: a served prompt ends in `]` instead."""
     code, records = inspect_json("mistral-7b-instruct-v0.2", capsys)

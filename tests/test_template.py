@@ -61,6 +61,20 @@ def test_render_equals_transformers_on_adversarial_sessions(folder, monkeypatch)
     same_render()
 
 
+@pytest.mark.parametrize("folder", TEMPLATE_FOLDERS)
+def test_render_equals_transformers_on_very_long_turns(folder, monkeypatch):
+    fixed_transformers_clock(monkeypatch)
+    output = "".join(f"line {n}: " + "x" * (n % 300) + "\x1b[0m\n" for n in range(400))
+    messages = [
+        {"role": "user", "content": output},
+        {"role": "assistant", "content": "cat " + "a/" * 2000},
+        {"role": "user", "content": output + "\n\n"},
+    ]
+    for add_generation_prompt in (False, True):
+        ours = our_template(folder).render(messages, add_generation_prompt)
+        assert ours == oracle_render(folder, messages, add_generation_prompt)
+
+
 def test_llama_date_line_comes_from_the_clock(monkeypatch):
     fixed_transformers_clock(monkeypatch)
     messages = [{"role": "user", "content": "hi"}]

@@ -612,11 +612,101 @@ def train_job(
     }
 
 
+def eval_policies(resident: ResidentBase, args: argparse.Namespace) -> dict[str, Any]:
+    """The runs an eval job asks for ("adapter", and "base" with --baseline; "base" alone
+    without an adapter), as `sekft.generate.policies_from_args` builds them, but on the
+    resident model: the adapter goes into the LoRA slots, the base alone runs with them off."""
+    from sekft.errors import AdapterError, TemplateError
+    from sekft.generate import ModelPolicy, Sampling
+    from sekft.lora import detach_lora, load_adapter, lora_modules
+    from sekft.template import ChatTemplate
+
+    base, model = resident.base, resident.base.model
+    if base.chat_template is None:
+        raise TemplateError(
+            f"{base.path}: the base has no chat template; sekft-eval renders "
+            "sessions with the model's own template"
+        )
+    template = ChatTemplate(base.chat_template, base.special_tokens)
+    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    max_context = args.max_context or base.config.max_position_embeddings
+
+    def policy(base_only: bool) -> Any:
+        return ModelPolicy(model, base.tokenizer, template, sampling, max_context, base_only)
+
+    if args.adapter:
+        try:
+            load_adapter(model, args.adapter)
+        except AdapterError:
+            if not lora_modules(model):
+                raise
+            # The slots have another rank or targets: replace them with the adapter's own.
+            detach_lora(model)
+            load_adapter(model, args.adapter)
+    # A train job leaves the model in training mode, and newly attached LoRA layers start in
+    # it (LoRA dropout on): generation runs in eval mode, as after a fresh load.
+    model.eval()
+    if not args.adapter:
+        return {"base": policy(base_only=bool(lora_modules(model)))}
+    runs = {"adapter": policy(base_only=False)}
+    if args.baseline:
+        runs["base"] = policy(base_only=True)
+    return runs
+
+
 def eval_job(
     resident: ResidentBase, args: list[str], report: Report, stop: threading.Event
 ) -> dict:
-    """Run `sekft-eval` with `args` on the resident base (lands with the evaluator)."""
-    raise ResidentError("this sekft has no evaluator yet (issue 6)")
+    """A `sekft-eval` run with `args` on the resident base, writing the same outputs.
+
+    Scenarios run in groups of --jobs; a cancel takes effect between groups, and the
+    outputs then cover the episodes that ran.
+    """
+    from sekft import eval as sekft_eval
+    from sekft.sandbox import require_bwrap, warn_no_sandbox
+    from sekft.scenario import load_scenarios
+
+    opts = parse_job_options(sekft_eval.parse_args, [*args, *resident.options()], "sekft-eval")
+    if opts.endpoint:
+        raise ConfigError(
+            "--endpoint evaluates a served model, not the resident base; run "
+            "`sekft-eval --endpoint` on its own"
+        )
+    if opts.baseline and not opts.adapter:
+        raise ConfigError("--baseline compares against --adapter; give --adapter DIR")
+    if opts.jobs < 1:
+        raise ConfigError(f"--jobs {opts.jobs}: must be at least 1")
+    scenarios = load_scenarios(opts.scenarios, None if opts.split == "all" else opts.split)
+    if opts.no_sandbox:
+        warn_no_sandbox()
+    else:
+        require_bwrap()
+    config = sekft_eval.EpisodeConfig(
+        sandbox=not opts.no_sandbox,
+        max_output_bytes=opts.max_output_bytes,
+        episode_timeout=opts.episode_timeout,
+    )
+    episodes = []
+    for run, policy in eval_policies(resident, opts).items():
+        for first in range(0, len(scenarios), opts.jobs):
+            if stop.is_set():
+                break
+            group = scenarios[first : first + opts.jobs]
+            done = sekft_eval.run_suite(group, lambda s, p=policy: p, config, run, opts.jobs)
+            episodes += done
+            for episode in done:
+                outcome = episode.error or f"{episode.ending}, passed {episode.passed}"
+                report(f"{run}: {episode.scenario}: {outcome}", run=run, scenario=episode.scenario)
+    settings = {
+        k: v for k, v in vars(opts).items() if isinstance(v, (str, int, float, bool, type(None)))
+    }
+    runs = sekft_eval.write_outputs(Path(opts.out), episodes, settings)
+    lines = [sekft_eval.table(runs)]
+    if len(runs) == 2:
+        new, old = runs.values()
+        lines += ["", "adapter vs base (overall):", *sekft_eval.differences(new, old)]
+    lines.append(f"wrote {opts.out}/results.json, transcripts.jsonl, report.html")
+    return {"summary": "\n".join(lines), "out": opts.out, "runs": runs}
 
 
 def stop_on_signals(resident: Resident) -> None:

@@ -391,6 +391,8 @@ def test_uncaught_bug_in_a_job_is_reported_and_the_server_carries_on(socket_path
 # --- the real trainer on a tiny base ------------------------------------------------------
 
 TRAIN = ["--max-steps", "2", "--batch-tokens", "128", "--max-len", "96", "--val-fraction", "0"]
+SCENARIOS = REPO / "tests" / "fixtures" / "scenarios"
+EVAL = ["--scenarios", str(SCENARIOS), "--split", "all", "--max-new-tokens", "8"]
 
 
 def write_sessions(folder: Path, n: int = 8) -> Path:
@@ -416,8 +418,9 @@ def adapter_tensors(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def job_sequence(tiny_llama, tmp_path_factory, monkeypatch_module):
     """Six jobs through one real server on the tiny llama: train (seed 1), train (seed 2),
-    a train job on a missing data folder, then three more trains. Records what the tests
-    below check: base loads, base checksums, each job's terminal event."""
+    a train job on a missing data folder, an eval of the second adapter with --baseline,
+    then two more trains. Records what the tests below check: base loads, base checksums,
+    each job's terminal event."""
     import sekft.base
 
     work = tmp_path_factory.mktemp("resident")
@@ -443,11 +446,14 @@ def job_sequence(tiny_llama, tmp_path_factory, monkeypatch_module):
             req = {"op": "train", "args": ["--data", "data", "--out", out, *TRAIN, *extra]}
             return ask(path, dict(req, cwd=str(work)))[-1]
 
+        eval_args = ["--adapter", "a2", *EVAL, "--baseline", "--out", "eval"]
+        evaluate = {"op": "eval", "args": eval_args, "cwd": str(work)}
         finals = [
             train("a1", "--seed", "1"),
             train("a2", "--seed", "2"),
             train("a3", "--data", "missing"),
-            *(train(f"a{n}", "--seed", str(n)) for n in (4, 5, 6)),
+            ask(path, evaluate)[-1],
+            *(train(f"a{n}", "--seed", str(n)) for n in (5, 6)),
         ]
         after = resident.base_checksum(server.base.base.model)
         server.begin_shutdown("test over")
@@ -464,6 +470,7 @@ def monkeypatch_module():
 def test_real_jobs_run_one_after_another_on_the_resident_base(job_sequence):
     kinds = [f["event"] for f in job_sequence["finals"]]
     assert kinds == ["result", "result", "error", "result", "result", "result"]
+    assert set(job_sequence["finals"][3]["result"]["runs"]) == {"adapter", "base"}
 
 
 def test_base_is_loaded_once_across_all_jobs(job_sequence):
@@ -499,6 +506,32 @@ def test_different_seeds_give_different_adapters(job_sequence):
     work = job_sequence["work"]
     a1, a2 = adapter_tensors(work / "a1"), adapter_tensors(work / "a2")
     assert any(not torch_equal(a1[name], a2[name]) for name in a1)
+
+
+def test_resident_eval_gives_the_transcripts_of_a_cold_sekft_eval(job_sequence, tiny_llama):
+    from sekft import eval as sekft_eval
+
+    work = job_sequence["work"]
+    argv = ["--base", str(tiny_llama), "--adapter", str(work / "a2"), *EVAL]
+    assert sekft_eval.main([*argv, "--out", str(work / "cold-eval")]) == 0
+
+    def adapter_episodes(folder: Path) -> list:
+        records = [json.loads(line) for line in (folder / "transcripts.jsonl").open()]
+        return [r["messages"] for r in records if r["run"] == "adapter"]
+
+    resident_episodes = adapter_episodes(work / "eval")
+    cold_episodes = adapter_episodes(work / "cold-eval")
+    assert len(resident_episodes) == len(cold_episodes) == 2
+    # The model's replies must agree for as long as what it was shown agrees: the shell's
+    # output itself is not deterministic (a pipeline's stages write errors in either order).
+    compared = 0
+    for ours_episode, cold_episode in zip(resident_episodes, cold_episodes, strict=True):
+        for ours, theirs in zip(ours_episode, cold_episode, strict=False):
+            if ours["role"] == "user" and ours != theirs:
+                break
+            assert ours == theirs
+            compared += ours["role"] == "assistant"
+    assert compared >= 2
 
 
 def test_memory_after_five_jobs_is_within_a_few_percent_of_after_one(job_sequence):

@@ -120,7 +120,10 @@ def session_renders(messages: Sequence[Mapping], template: ChatTemplate) -> Rend
     prompts, histories = {}, {}
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            prompts[i] = template.render(messages[:i], add_generation_prompt=True, **fixed)
+            try:
+                prompts[i] = template.render(messages[:i], add_generation_prompt=True, **fixed)
+            except TemplateError as e:
+                raise TemplateError(f"the prompt before turn {i}: {e}") from e
             last = i == len(messages) - 1
             histories[i] = text if last else template.render(messages[: i + 1], **fixed)
     return Renders(text, prompts, histories)

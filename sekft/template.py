@@ -204,7 +204,7 @@ class ChatTemplate:
         try:
             return self.render_raw(messages, add_generation_prompt, **variables)
         except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError) as e:
-            turn = self.failing_turn(messages, add_generation_prompt, **variables)
+            turn = self.failing_turn(messages, **variables)
             if turn < len(messages):
                 where = f"turn {turn} (role {messages[turn].get('role')!r})"
             else:
@@ -235,7 +235,7 @@ class ChatTemplate:
     def strftime_now(self, format: str) -> str:
         return self.clock().strftime(format)
 
-    def failing_turn(self, messages: Sequence[Mapping], add_generation_prompt: bool, **variables):
+    def failing_turn(self, messages: Sequence[Mapping], **variables) -> int:
         """Index of the first message whose inclusion makes the render fail (len if none does)."""
         for end in range(1, len(messages) + 1):
             try:

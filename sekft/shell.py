@@ -17,6 +17,7 @@ The shell is interactive (job control, Ctrl-C, `cd` and variables persist) but t
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -57,6 +58,7 @@ class CommandResult:
     panic_reason: str | None = None
 
 
+@functools.lru_cache(maxsize=4096)
 def syntax_error(command: str) -> str | None:
     """bash's complaint about `command` as typed at a prompt, or None if it parses.
 
@@ -141,6 +143,11 @@ class Shell:
                                        preexec_fn=self.sandbox.preexec())
         except pexpect.ExceptionPexpect as e:
             raise SandboxError(f"could not start the sandboxed shell: {e}") from None
+        # pexpect's default pauses (50 ms before every send, 100 ms around a close) exist
+        # for slow human-facing programs; they would dominate every turn here.
+        self.child.delaybeforesend = None
+        self.child.delayafterclose = self.child.ptyproc.delayafterclose = 0.0
+        self.child.delayafterterminate = self.child.ptyproc.delayafterterminate = 0.01
         capture = _Capture(self.keep)
         outcome = self._read(capture, time.monotonic() + START_TIMEOUT)
         if outcome != "prompt":

@@ -485,10 +485,19 @@ MARK_TRAINED = ("\u27e6", "\u27e7")  # ⟦trained⟧
 MARK_STRADDLE = ("\u27ec", "\u27ed")  # ⟬straddles⟭
 
 
+def visible(text: str) -> str:
+    """`text` with control characters other than newline and tab shown as control pictures
+    (ESC as ␛), so a session's own ANSI codes print as text instead of recolouring the view."""
+    return "".join(
+        chr(0x2400 + ord(c)) if ord(c) < 32 and c not in "\n\t" else c for c in text
+    )
+
+
 def highlight(encoded: Encoded, color: bool) -> str:
     """R with trained characters highlighted: ANSI background colour, or ⟦...⟧ markers.
 
-    Characters of straddling tokens (which do not train) are shown yellow or ⟬...⟭.
+    Characters of straddling tokens (which do not train) are shown yellow or ⟬...⟭; control
+    characters of the text are shown as control pictures (see `visible`).
     """
     state = [0] * len(encoded.text)
     for (s, e), label in zip(encoded.offsets, encoded.labels, strict=True):
@@ -504,7 +513,7 @@ def highlight(encoded: Encoded, color: bool) -> str:
         j = k
         while j < len(state) and state[j] == state[k]:
             j += 1
-        piece = encoded.text[k:j]
+        piece = visible(encoded.text[k:j])
         if state[k]:
             on, off = marks[state[k]]
             if color:

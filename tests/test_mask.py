@@ -467,6 +467,14 @@ def test_inspect_highlights_trained_text_with_markers_off_a_terminal(capsys):
     assert out.splitlines()[-1].endswith("0 straddles, 0 violations: ok")
 
 
+def test_inspect_shows_the_sessions_own_escape_codes_as_text(capsys):
+    main(["--inspect", "--data", str(SHELL_SESSIONS), "--base", str(FIXTURES / "smollm2"),
+          "--session", "0"])
+    out = capsys.readouterr().out
+    assert "\u241b[01;34mbin\u241b[0m" in out
+    assert "\x1b" not in out and "\r" not in out
+
+
 def test_inspect_limit_and_session_select_sessions(capsys):
     _, records = inspect_json("smollm2", capsys, "--limit", "1")
     assert [r["session"] for r in records] == [0]

@@ -146,8 +146,8 @@ def test_lookup_table_has_one_line_containing_the_item_and_none_its_answer_alone
     for seed in range(60):
         instance = build("lookup", seed)
         table, item, answer = instance.key
-        lines = instance.files[f"home/data/{table}.csv"].decode().splitlines()
-        assert [line for line in lines if item in line] == [f"{item},{answer}"]
+        lines = instance.files[f"home/data/{table}.txt"].decode().splitlines()
+        assert [line for line in lines if item in line] == [f"{item} {answer}"]
 
 
 def test_tally_log_has_the_word_on_exactly_count_lines():
@@ -242,8 +242,14 @@ def test_man_page_is_readable_in_the_sandbox(tmp_path):
 def test_unseen_words_flags_a_word_typed_before_it_was_shown():
     messages = [{"role": "user", "content": "Welcome.\n$ "},
                 {"role": "assistant", "content": "cat apple.txt"},
-                {"role": "user", "content": "apple and 7 pears\n$ "},
+                {"role": "user", "content": "one apple and 7 pears\n$ "},
                 {"role": "assistant", "content": "ledger add apple 7"}]
+    assert unseen_words(messages) == [(1, "apple")]
+
+
+def test_unseen_words_flags_a_word_shown_only_in_another_form():
+    messages = [{"role": "user", "content": "Send docs/apple.txt\n$ "},
+                {"role": "assistant", "content": "relay send apple docs/apple.txt"}]
     assert unseen_words(messages) == [(1, "apple")]
 
 

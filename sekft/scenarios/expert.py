@@ -5,9 +5,11 @@ discovery first (look around, read the directive, the provider's `--help`), then
 then `exit` or `panic "reason"`. Run through `sekft.eval.run_episode` it meets the real
 sandboxed shell, so its observations are exactly what a model would see.
 
-A demonstration only teaches copying if what is copied was on screen first: `unseen_words`
-lists the closed-list words (and numbers) a session's commands type before any observation
-showed them; for an expert episode it must be empty.
+A demonstration only teaches copying if what is copied was on screen first, in the form it
+is typed: `unseen_words` lists the closed-list words a session's commands type before any
+observation showed them in the same form (after a space, or glued to what precedes it, as
+in `docs/apple.txt`: a byte-level BPE makes different tokens of the two), and the numbers
+typed before any observation showed them at all. For an expert episode it must be empty.
 """
 
 from __future__ import annotations
@@ -41,16 +43,24 @@ def expert_policy(instance: Instance) -> Callable[[list[dict]], str]:
     return policy
 
 
+def word_forms(text: str) -> list[tuple[str, bool]]:
+    """Each run of lowercase letters or of digits in `text`, with whether a space precedes it."""
+    return [(m[0], text[m.start() - 1:m.start()] == " ") for m in TOKEN_RE.finditer(text)]
+
+
 def unseen_words(messages: list[dict]) -> list[tuple[int, str]]:
-    """(message index, word) for each closed-list word or number an assistant message types
-    that no earlier user message contains as a whole word."""
-    seen: set[str] = set()
+    """(message index, word) for each closed-list word an assistant message types that no
+    earlier user message showed in the same form, and each number it types that no earlier
+    user message showed at all (see the module docstring)."""
+    seen_forms: set[tuple[str, bool]] = set()
     unseen = []
     for index, message in enumerate(messages):
-        tokens = TOKEN_RE.findall(message["content"])
+        forms = word_forms(message["content"])
         if message["role"] == "user":
-            seen.update(tokens)
+            seen_forms.update(forms)
             continue
-        unseen += [(index, t) for t in tokens
-                   if (t in WORD_SET or t.isdigit()) and t not in seen]
+        seen_numbers = {word for word, _ in seen_forms if word.isdigit()}
+        unseen += [(index, word) for word, spaced in forms
+                   if (word in WORD_SET and (word, spaced) not in seen_forms)
+                   or (word.isdigit() and word not in seen_numbers)]
     return unseen

@@ -1,5 +1,10 @@
-"""lookup: find an item's shelf in a CSV table and answer with `reply` (python); directive in
-a hidden dotfile or a plain file in home."""
+"""lookup: find an item's shelf in a stock list and answer with `reply` (python); directive
+in a hidden dotfile or a plain file in home.
+
+The list is `item shelf` columns separated by a space, not commas, so the answer the model
+copies stands after a space in the observation as it does in the command (one and the same
+token in a byte-level BPE, where `,hawk` and ` hawk` are different ones).
+"""
 
 from __future__ import annotations
 
@@ -47,23 +52,23 @@ def _make(rng: random.Random, seed: int, split: str) -> Instance:
     rows = list(zip(words[:size], words[size:], strict=True))
     target, answer = rows[0]
     rng.shuffle(rows)
-    csv = "item,shelf\n" + "".join(f"{item},{shelf}\n" for item, shelf in rows)
+    stock = "item shelf\n" + "".join(f"{item} {shelf}\n" for item, shelf in rows)
     directive = rng.choice([
-        f"Which shelf is the {target} on? Look it up in data/{table}.csv and answer with reply.",
-        f"Find the shelf of {target} in data/{table}.csv, then tell me with the reply tool.",
+        f"Which shelf is the {target} on? Look it up in data/{table}.txt and answer with reply.",
+        f"Find the shelf of {target} in data/{table}.txt, then tell me with the reply tool.",
     ])
     post = place(rng.choice(POSTS), rng, directive, avoid)
     files = {**post.files, **tool_files("reply", SCRIPT, "answer a question", USAGE),
-             f"home/data/{table}.csv": csv.encode()}
+             f"home/data/{table}.txt": stock.encode()}
     check = expect_ending("exit") + (
         f'[ "$(cat {ANSWER})" = {answer} ] || fail "answered $(cat {ANSWER}), expected {answer}"\n'
     )
     return Instance(
         family=FAMILY, seed=seed, split=split, expect="exit",
-        description=f"Look up the shelf of {target} in data/{table}.csv ({answer}) and reply "
+        description=f"Look up the shelf of {target} in data/{table}.txt ({answer}) and reply "
                     f"(directive: {post.kind}).",
         files=files, setup="mkdir -p /usr/local/var/reply\n", check=check,
-        commands=(*post.commands, "reply --help", f"grep {target} data/{table}.csv",
+        commands=(*post.commands, "reply --help", f"grep {target} data/{table}.txt",
                   f"reply {answer}", "exit"),
         key=(table, target, answer), executables=frozenset({"local/bin/reply"}),
     )

@@ -64,7 +64,7 @@ def _make(rng: random.Random, seed: int, split: str) -> Instance:
     reports = {name: text(" ".join(pick(rng, 6, set()))) for name in names}
     directive = rng.choice([
         f"Send reports/{target}.txt to {person}.",
-        f"{person} is waiting for the {target} report (reports/{target}.txt). Relay it please.",
+        f"Please relay reports/{target}.txt to {person}, who is waiting for it.",
         f"Use relay to get reports/{target}.txt to {person}.",
     ])
     post = place(rng.choice(POSTS), rng, directive, avoid)

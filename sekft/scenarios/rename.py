@@ -43,8 +43,8 @@ def _make(rng: random.Random, seed: int, split: str) -> Instance:
     old, new, *others = pick(rng, rng.randint(4, 5), avoid)
     inbox = {name: text(" ".join(pick(rng, 4, set()))) for name in [old, *others]}
     directive = rng.choice([
-        f"Rename inbox/{old}.txt to {new}.txt, then tell the team with notify.",
-        f"Please give inbox/{old}.txt the new name {new}.txt and notify the team when done.",
+        f"Rename inbox/{old}.txt to inbox/{new}.txt, then tell the team with notify.",
+        f"Please move inbox/{old}.txt to inbox/{new}.txt and notify the team when done.",
     ])
     post = place(rng.choice(POSTS), rng, directive, avoid)
     files = {**post.files, **tool_files("notify", SCRIPT, "tell the team a file is ready", USAGE),

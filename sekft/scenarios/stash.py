@@ -61,7 +61,7 @@ def _make(rng: random.Random, seed: int, split: str) -> Instance:
     docs = {name: text(" ".join(pick(rng, 5, set()))) for name in names}
     directive = rng.choice([
         f"Please put docs/{target}.txt into the stash.",
-        f"The file {target}.txt in the docs folder has to go into the stash.",
+        f"The file docs/{target}.txt has to go into the stash.",
         f"Stash docs/{target}.txt for me, nothing else.",
     ])
     post = place(rng.choice(POSTS), rng, directive, avoid)

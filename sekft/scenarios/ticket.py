@@ -39,17 +39,17 @@ def main(args):
     tickets = load()
     if args == ["list"]:
         for number, state, title in tickets:
-            print(f"#{number}  {state:6}  {title}")
+            print(f"ticket {number} {state} {title}")
         return 0
     if args[:1] == ["close"] and len(args) == 2:
         wanted = args[1].lstrip("#")
         if wanted not in [number for number, _, _ in tickets]:
-            print(f"ticket: no ticket #{wanted}; see ticket list", file=sys.stderr)
+            print(f"ticket: no ticket {wanted}; see ticket list", file=sys.stderr)
             return 1
         with open(DB, "w") as f:
             for number, state, title in tickets:
                 f.write(f"{number} {'closed' if number == wanted else state} {title}\n")
-        print(f"closed #{wanted}")
+        print(f"closed ticket {wanted}")
         return 0
     print("ticket: unknown command; see ticket --help", file=sys.stderr)
     return 2
@@ -76,10 +76,10 @@ def _make(rng: random.Random, seed: int, split: str) -> Instance:
              "local/var/ticket/tickets": text("\n".join(f"{n} open {t}" for n, t in rows))}
     after = text("\n".join(f"{n} {'closed' if n == number else 'open'} {t}" for n, t in rows))
     check = expect_ending("exit") + output_is(
-        f"cat {DB}", after, f"ticket #{number} ({target}) is not the only one closed")
+        f"cat {DB}", after, f"ticket {number} ({target}) is not the only one closed")
     return Instance(
         family=FAMILY, seed=seed, split=split, expect="exit",
-        description=f"Close ticket #{number} about {target} (directive: {post.kind}).",
+        description=f"Close ticket {number} about {target} (directive: {post.kind}).",
         files=files, setup="true\n", check=check,
         commands=(*post.commands, "ticket --help", "ticket list", f"ticket close {number}",
                   "exit"),

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -127,18 +128,26 @@ def write_scenario(instance: Instance, out_dir: str | Path) -> Path:
         raise ConfigError(f"{final}: already exists; write generated scenarios to an empty "
                           "folder or remove the old one")
     tmp = Path(tempfile.mkdtemp(prefix=f".{instance.id}.", dir=out_dir))
-    (tmp / "scenario.json").write_text(
+    try:
+        _write_folder(instance, tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_folder(instance: Instance, folder: Path) -> None:
+    (folder / "scenario.json").write_text(
         json.dumps(instance.scenario_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (tmp / "setup.sh").write_text(instance.setup, encoding="utf-8")
-    (tmp / "check.sh").write_text(CHECK_PRELUDE + instance.check, encoding="utf-8")
+    (folder / "setup.sh").write_text(instance.setup, encoding="utf-8")
+    (folder / "check.sh").write_text(CHECK_PRELUDE + instance.check, encoding="utf-8")
     for rel, data in sorted(instance.files.items()):
-        path = tmp / "files" / rel
+        path = folder / "files" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         path.chmod(EXECUTABLE if rel in instance.executables else REGULAR)
-    tmp.chmod(0o755)
-    os.replace(tmp, final)
-    return final
+    folder.chmod(0o755)
 
 
 def help_text(name: str, summary: str, usage: list[tuple[str, str]], notes: str = "") -> str:

@@ -331,5 +331,5 @@ def test_record_refuses_an_expert_that_fails_its_checker():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_passes_twenty_seeds_of_every_split(family):
     todo = [build(family, seed, split) for split in splits_of(family) for seed in range(20)]
-    records = record(todo, EpisodeConfig(), jobs=2)
+    records = record(todo, EpisodeConfig(), jobs=4)
     assert [r["ending"] for r in records] == [i.expect for i in todo]

@@ -27,8 +27,6 @@ import html
 import json
 import math
 import os
-import re
-import shlex
 import sys
 import tempfile
 import time
@@ -48,10 +46,9 @@ from sekft.sandbox import (
     warn_no_sandbox,
 )
 from sekft.scenario import ENDINGS, Scenario, load_scenarios
-from sekft.shell import Shell, syntax_error
+from sekft.shell import Shell, first_word, syntax_error
 
 Z95 = 1.959963984540054
-ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^\]]*\])?\+?=")
 # First words that open shell syntax rather than name a command; bash runs them fine.
 SYNTAX_OPENERS = ("(", "((")
 
@@ -127,23 +124,6 @@ def rate(k: int, n: int) -> dict:
     return {"k": k, "n": n, "rate": k / n if n else None, "low": low, "high": high}
 
 
-def first_word(command: str) -> str | None:
-    """The word bash would run first in `command` (after `VAR=x` assignments and `!`).
-
-    None when there is none (empty, only comments) or it cannot be split (open quote).
-    """
-    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    try:
-        for token in lexer:
-            if token == "!" or ASSIGNMENT_RE.match(token):
-                continue
-            return token
-    except ValueError:
-        return None
-    return None
-
-
 def is_command(reply: str, runnable: Callable[[str], bool]) -> bool:
     """Whether `reply` is a shell command line: no markdown fence, parses with `bash -n`,
     and its first word is runnable (`runnable(word)`: a builtin, keyword, function, alias
@@ -171,6 +151,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; these are reports
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

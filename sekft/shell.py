@@ -21,6 +21,7 @@ import functools
 import os
 import re
 import secrets
+import shlex
 import signal
 import subprocess
 import time
@@ -35,6 +36,7 @@ from sekft.sandbox import HOSTNAME, PANIC_END, PANIC_MARKER, USER, Sandbox
 COLUMNS = 500
 LINES = 50
 START_TIMEOUT = 30.0
+ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^\]]*\])?\+?=")
 
 
 @dataclass
@@ -65,12 +67,31 @@ def syntax_error(command: str) -> str | None:
     A here-document left open at the end counts as an error too: an interactive bash would
     sit waiting for its delimiter.
     """
-    for text in (command, "{ " + command + "\n}\n"):
+    # The braces the command is sent in must parse too, unless there is nothing to run.
+    wrapped = ["{ " + command + "\n}\n"] if first_word(command) is not None else []
+    for text in [command, *wrapped]:
         done = subprocess.run(["bash", "-n"], input=text.encode("utf-8", "replace"),
                               capture_output=True)
         err = done.stderr.decode("utf-8", "replace")
         if done.returncode != 0 or "here-document" in err:
             return err if err.strip() else "bash: syntax error: unexpected end of file\n"
+    return None
+
+
+def first_word(command: str) -> str | None:
+    """The word bash would run first in `command` (after `VAR=x` assignments and `!`).
+
+    None when there is none (empty, only comments) or it cannot be split (open quote).
+    """
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        for token in lexer:
+            if token == "!" or ASSIGNMENT_RE.match(token):
+                continue
+            return token
+    except ValueError:
+        return None
     return None
 
 
@@ -212,6 +233,11 @@ class Shell:
             return CommandResult(command, error.encode(), status=2, cwd=self.cwd,
                                  timeout=timeout, syntax_error=True)
         result = CommandResult(command, b"", cwd=self.cwd, timeout=timeout)
+        if first_word(command) is None:
+            # Blank or only comments: bash would just print the next prompt ("{ }" would
+            # not even parse).
+            result.status = self.status
+            return result
         if not self.alive:
             # Ended between commands (a background job killed it, say): the session is over.
             result.ended = True

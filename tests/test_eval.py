@@ -10,7 +10,6 @@ from sekft.eval import (
     ContextExhausted,
     EpisodeConfig,
     Reply,
-    first_word,
     is_command,
     main,
     replay,
@@ -24,6 +23,7 @@ from sekft.eval import (
 )
 from sekft.sandbox import find_bwrap
 from sekft.scenario import load_scenario, load_scenarios
+from sekft.shell import first_word
 
 FIXTURES = Path(__file__).parent / "fixtures" / "scenarios"
 needs_bwrap = pytest.mark.skipif(find_bwrap() is None, reason="needs bubblewrap")

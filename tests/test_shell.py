@@ -71,6 +71,13 @@ def test_incomplete_commands_are_syntax_errors(command):
     assert syntax_error(command) is not None
 
 
+@pytest.mark.parametrize("command", ["", "  \n", "# just a thought"])
+def test_blank_or_comment_line_just_shows_the_prompt_again(shell, command):
+    shell.run("false", timeout=5)
+    result = shell.run(command, timeout=5)
+    assert (result.output, result.status, result.syntax_error) == (b"", 1, False)
+
+
 def test_history_expansion_is_off(shell):
     assert shell.run("echo hi!", timeout=5).output == b"hi!\r\n"
 

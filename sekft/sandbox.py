@@ -45,6 +45,8 @@ HARNESS_DIR = "/opt/sekft"
 SCENARIO_DIR = f"{HARNESS_DIR}/scenario"
 TRANSCRIPT_PATH = f"{HARNESS_DIR}/transcript.json"
 UNPRIVILEGED_ID = 65534
+# Where the shell reads command lines too long for the terminal (see shell.py).
+INPUT_DIR = f"{HARNESS_DIR}/input"
 
 # Where each world entry is bound inside the sandbox.
 WORLD_MOUNTS = {
@@ -130,6 +132,7 @@ def make_world(world: Path, files: Path | None = None) -> None:
 def make_harness(harness: Path, sandbox: bool) -> None:
     """Write the read-only harness folder: bin/panic and, for the sandbox, passwd/group/hosts."""
     (harness / "bin").mkdir(parents=True, exist_ok=True)
+    (harness / "input").mkdir(exist_ok=True)
     panic = harness / "bin" / "panic"
     panic.write_text(PANIC_SCRIPT)
     panic.chmod(0o755)
@@ -187,7 +190,8 @@ def bwrap_argv(
             argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for name in ("passwd", "group", "hostname", "hosts"):
         argv += ["--ro-bind", str(harness / "etc" / name), f"/etc/{name}"]
-    argv += ["--ro-bind", str(harness / "bin"), f"{HARNESS_DIR}/bin"]
+    argv += ["--ro-bind", str(harness / "bin"), f"{HARNESS_DIR}/bin",
+             "--ro-bind", str(harness / "input"), INPUT_DIR]
     for name, target in WORLD_MOUNTS.items():
         argv += ["--bind", str(world / name), target]
     for target, source in (readonly or {}).items():
@@ -337,6 +341,13 @@ class Sandbox:
                             f"{self.harness / 'bin'}")
         env.update(extra or {})
         return env
+
+    def input_file(self, text: str) -> str:
+        """Put `text` where the sandbox can read it; return its path as the sandbox sees it."""
+        path = self.harness / "input" / "command"
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o644)
+        return f"{INPUT_DIR}/command" if self.bwrap is not None else str(path)
 
     def cwd(self) -> str | None:
         """Working directory to start processes in (bubblewrap sets its own)."""

@@ -10,7 +10,7 @@ The shell is interactive (job control, Ctrl-C, `cd` and variables persist) but t
 - each command line is first parsed with `bash -n`; a syntax error never reaches the shell
   (it could leave bash waiting for more input), the model sees bash's own message instead.
   A command is sent wrapped in `{ ...\\n}` so a multi-line command is one unit and yields
-  one prompt;
+  one prompt (one with a line too long for the terminal is sourced from a file instead);
 - a per-command wall-clock timeout sends Ctrl-C; if no prompt comes back within a grace
   period the whole sandbox is killed and a fresh shell started (the world on disk stays).
 """
@@ -36,6 +36,9 @@ from sekft.sandbox import HOSTNAME, PANIC_END, PANIC_MARKER, USER, Sandbox
 COLUMNS = 500
 LINES = 50
 START_TIMEOUT = 30.0
+# The terminal's line discipline keeps at most 4095 bytes of a line being typed; a longer
+# line is sourced from a file instead (same shell, same effect, just not typed).
+MAX_TYPED_LINE = 4000
 ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^\]]*\])?\+?=")
 
 
@@ -244,8 +247,11 @@ class Shell:
             return result
         assert self.child is not None
         capture = _Capture(self.keep)
+        typed = "{ " + command + "\n}\n"
+        if max(len(line.encode()) for line in typed.split("\n")) > MAX_TYPED_LINE:
+            typed = f"{{ . {shlex.quote(self.sandbox.input_file(command + chr(10)))}\n}}\n"
         try:
-            self.child.send(("{ " + command + "\n}\n").encode("utf-8", "replace"))
+            self.child.send(typed.encode("utf-8", "replace"))
             outcome = self._read(capture, time.monotonic() + timeout)
         except OSError:
             outcome = "eof"

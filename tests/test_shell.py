@@ -55,6 +55,11 @@ def test_multiline_command_runs_as_one_unit(shell):
     assert result.output == b"one\r\ntwo\r\n" and not result.timed_out
 
 
+def test_line_longer_than_the_terminal_accepts_still_runs_whole(shell):
+    result = shell.run("echo " + "x" * 20000 + " | wc -c; cd /tmp", timeout=5)
+    assert result.output == b"20001\r\n" and shell.prompt() == "user@sandbox:/tmp$ "
+
+
 def test_heredoc_command(shell):
     assert shell.run("cat <<EOF\nx y\nEOF", timeout=5).output == b"x y\r\n"
 

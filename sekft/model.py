@@ -375,7 +375,10 @@ class Body(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Left uninitialised: weights come from a checkpoint, and nn.Embedding's own init
+        # (normal_) costs seconds on first use on the meta device the loader builds on.
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -467,7 +470,7 @@ class Decoder(nn.Module):
             return _Step(cos, sin, dict.fromkeys(self.config.sliding_windows), past == 0, cache)
         q_index = torch.arange(past, S, device=device)
         k_index = torch.arange(S, device=device)
-        for w in self.config.sliding_windows:
+        for w in set(self.config.sliding_windows):
             window = w if w is not None and w < S else None
             masks[w] = attention_mask(q_index, k_index, q_doc, k_doc, window)
         return _Step(cos, sin, masks, False, cache)

@@ -23,11 +23,13 @@ straddling tokens do not train (and are errors under strict).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import compress
 from operator import itemgetter
@@ -364,6 +366,21 @@ def prompt_token_ids(
     return result
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: encoding allocates a tuple per token offset, none
+    of them cyclic, and collections triggered by that churn rescan everything alive (~13% of
+    encode time on 2,000 sessions)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@gc_paused()
 def encode_sessions(
     sessions: Sequence[Sequence[Mapping]],
     template: ChatTemplate,

@@ -121,9 +121,8 @@ class _Capture:
         # The sentinel is bounded by PATH_MAX, so only the newest bytes need searching.
         return pattern.search(self.body, max(0, len(self.body) - chunk_len - 8192))
 
-    def output(self, end: int | None = None) -> bytes:
-        body = bytes(self.body if end is None else self.body[:end])
-        return self.head + body
+    def output(self) -> bytes:
+        return self.head + bytes(self.body)
 
 
 class Shell:
@@ -182,7 +181,7 @@ class Shell:
     def close(self) -> None:
         """Kill the shell and, with it, everything in its sandbox."""
         if self.child is not None:
-            if self.sandbox.bwrap is not None:
+            if self.sandbox.bwrap is not None and self.child.isalive():
                 # Kill bubblewrap's inner process first, so the outer one reaps it: killed
                 # from outside, the inner one is orphaned and left a zombie under a pid 1
                 # that may not reap (a container's). Its pid namespace dies with it.
@@ -267,6 +266,7 @@ class Shell:
             result.ended = True
             self.child.close(force=True)
             result.status = self.child.exitstatus
+            self.child = None
         else:
             result.status = self.status
         result.cwd = self.cwd
@@ -282,6 +282,7 @@ class Shell:
         """
         if "\n" in word or "\x00" in word or not self.alive:
             return ""
+        assert self.child is not None
         quoted = "'" + word.replace("'", "'\\''") + "'"
         self.child.send(f" type -t -- {quoted} 2>/dev/null; (exit {self.status})\n".encode())
         capture = _Capture(self.keep)

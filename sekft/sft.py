@@ -29,10 +29,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import sekft
+from sekft.base import load_base
+from sekft.checkpoint import resolve_base
+from sekft.data import read_sessions
 from sekft.errors import ConfigError, DataError, TemplateError, TrainError, run_cli
+from sekft.lora import (
+    DEFAULT_TARGETS,
+    attach_lora,
+    export_merged,
+    load_adapter,
+    lora_modules,
+    lora_parameters,
+    save_adapter,
+)
 from sekft.loss import trained_token_loss
+from sekft.mask import encode_sessions, inspect_sessions
 from sekft.pack import Example, Row, collate_row, drop_overlong, plan_epoch, plan_steps
 from sekft.progress import ProgressLine, format_progress, peak_memory
 from sekft.rundir import (
@@ -48,8 +62,8 @@ from sekft.rundir import (
     write_atomic,
     write_json_atomic,
 )
-
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from sekft.template import ChatTemplate
+from sekft.tokenizer import load_tokenizer
 
 # Fields that must not change between a run and its --resume: they fix the data order, the
 # model being trained and the schedule, so changing them would not continue the same run.
@@ -67,7 +81,6 @@ def _help(text: str) -> dict:
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; `sekft-train --x-y` sets field `x_y`."""
-
     data: str = field(metadata=_help("JSONL file or folder of *.jsonl trajectories"))
     base: str = field(metadata=_help("base checkpoint folder, or org/name in the HF cache"))
     out: str = field(default="", metadata=_help("output folder (required unless --inspect)"))
@@ -113,7 +126,6 @@ class TrainConfig:
 @dataclass
 class TrainData:
     """Encoded sessions ready to pack, and what happened to the others."""
-
     train: list[Example]
     val: list[Example]
     sessions: list  # (index in the data, normalised Session) behind train + val, for --inspect
@@ -136,9 +148,6 @@ def prepare_data(cfg: TrainConfig, template, tokenizer) -> TrainData:
     longer than `max_len`; under `strict` either is a DataError, as is any mask violation
     (MaskError from `encode_sessions`). No session left to train is a DataError.
     """
-    from sekft.data import read_sessions
-    from sekft.mask import encode_sessions
-
     sessions = read_sessions(cfg.data)
     if not sessions:
         raise DataError(f"{cfg.data}: no sessions found; give JSONL lines with 'messages'")
@@ -232,28 +241,23 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def trainable_parameters(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Attach fresh LoRA adapters (or reset the ones a resident model carries) and return
-    their weights; with `cfg.full`, every weight of the model instead."""
-    from sekft.lora import attach_lora, lora_modules, lora_parameters, reset_lora
-
+    """Attach fresh LoRA adapters and return their weights; with `cfg.full`, every weight
+    of the model instead."""
     if cfg.full:
         if lora_modules(model):
             raise ConfigError("--full trains the whole model; this model carries LoRA layers")
         for p in model.parameters():
             p.requires_grad_(True)
         return list(dict.fromkeys(model.parameters()))
-    if lora_modules(model):
-        reset_lora(model, cfg.seed)
-    else:
-        attach_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.targets, cfg.rslora, seed=cfg.seed)
+    # A model that already carries LoRA layers is refused by attach_lora: detach them first
+    # (the resident server does), so every run starts from a fresh, seeded adapter.
+    attach_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.targets, cfg.rslora, seed=cfg.seed)
     return list(lora_parameters(model).values())
 
 
 def weight_writer(model: torch.nn.Module, cfg: TrainConfig, base_path: Path):
     """A function writing the trained weights into a folder: the PEFT adapter, or with
     `full` a complete checkpoint folder (weights, config, tokenizer) our loader reads."""
-    from sekft.lora import export_merged, save_adapter
-
     if cfg.full:
         return lambda folder: export_merged(model, folder, base_path)
     return lambda folder: save_adapter(model, folder, cfg.base)
@@ -261,10 +265,6 @@ def weight_writer(model: torch.nn.Module, cfg: TrainConfig, base_path: Path):
 
 def load_weights(model: torch.nn.Module, cfg: TrainConfig, folder: Path) -> None:
     """Load what `weight_writer` wrote in `folder` back into `model`."""
-    from safetensors.torch import load_file
-
-    from sekft.lora import load_adapter
-
     if not cfg.full:
         load_adapter(model, folder)
         return
@@ -414,8 +414,6 @@ def train(
     folder, tokenizer, template, data, --out), then the weights, then the loop. Ends with
     the adapter (or, with `full`, the model) in `cfg.out` and a final checkpoint.
     """
-    from sekft.base import load_base
-
     if cfg.full and cfg.load_4bit:
         raise ConfigError("--full trains every weight in float; it cannot use --load-4bit")
     stop = stop or threading.Event()
@@ -534,10 +532,6 @@ def _plan_id(cfg: TrainConfig, lengths: list[int], total: int) -> dict:
 
 def _template_and_tokenizer(cfg: TrainConfig, base):
     """(base folder, ChatTemplate, tokenizer) without loading weights (or from `base`)."""
-    from sekft.checkpoint import resolve_base
-    from sekft.template import ChatTemplate
-    from sekft.tokenizer import load_tokenizer
-
     if base is not None:
         if base.chat_template is None:
             raise TemplateError(f"{base.path}: the base has no chat template to render with")
@@ -611,8 +605,6 @@ def config_from_args(argv: list[str] | None) -> TrainConfig:
 def inspect(cfg: TrainConfig) -> int:
     """Run the mask inspector on exactly the sessions training would use (normalised, those
     with nothing to train and the overlong ones left out), loading no weights; 1 on failure."""
-    from sekft.mask import inspect_sessions
-
     _, template, tokenizer = _template_and_tokenizer(cfg, None)
     data = prepare_data(cfg, template, tokenizer)
     indices, sessions = zip(*data.sessions, strict=True)

@@ -256,7 +256,7 @@ def summarize(episodes: list[Episode]) -> dict:
     n = len(done)
     replies = [c for e in done for c in e.command_mode]
     panics_expected = [e for e in done if e.expect == "panic"]
-    summary = {
+    return {
         "episodes": n,
         "scenario_errors": len(episodes) - n,
         "command_mode_first": rate(sum(bool(e.command_mode and e.command_mode[0])
@@ -271,7 +271,6 @@ def summarize(episodes: list[Episode]) -> dict:
         "tokens_generated": sum(e.tokens for e in done),
         "violations": sum(len(e.violations) for e in done),
     }
-    return summary
 
 
 def report(episodes: list[Episode]) -> dict:
@@ -433,8 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tokens; default: the model's max_position_embeddings")
     p.add_argument("--max-output-bytes", type=int, default=MAX_OUTPUT_BYTES)
     p.add_argument("--episode-timeout", type=float, default=900.0, help="seconds per episode")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16", "float16"))
+    p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     return p.parse_args(argv)
 
 

@@ -28,7 +28,7 @@ def box():
 
 
 def run(box, command, timeout=5.0):
-    with Shell(box, kill_grace=0.5) as sh:
+    with Shell(box, kill_grace=3.0) as sh:
         result = sh.run(command, timeout=timeout)
         after = sh.run("echo still here", timeout=5)
     assert after.output == b"still here\r\n", "the harness stopped working"
@@ -84,7 +84,7 @@ def test_no_network_not_even_host_loopback(box):
 def test_fork_bomb_is_contained_and_killed_with_the_sandbox():
     # A small process limit: the machine running the tests has other work to do.
     with Sandbox.create(limits=Limits(processes=12)) as box:
-        with Shell(box, kill_grace=0.5) as sh:
+        with Shell(box, kill_grace=3.0) as sh:
             sh.run(":(){ :|:& };:", timeout=1)
             assert sh.run("ulimit -u", timeout=5).output.endswith(b"12\r\n")
             # Builtins only: the shell cannot fork while the bomb holds every process slot.
@@ -92,7 +92,7 @@ def test_fork_bomb_is_contained_and_killed_with_the_sandbox():
             assert int(count.output.split()[-1]) <= 12 + 1  # + bubblewrap's init
             namespace = os.readlink(f"/proc/{child_pids(sh.child.pid)[0]}/ns/pid")
         assert _wait_until_empty(namespace)
-        with Shell(box, kill_grace=0.5) as sh:
+        with Shell(box, kill_grace=3.0) as sh:
             assert sh.run("echo fresh", timeout=5).output == b"fresh\r\n"
 
 
@@ -122,13 +122,13 @@ def test_huge_file_is_stopped_at_the_file_size_limit(box):
 
 
 def test_killing_parents_and_everything_does_not_reach_the_harness(box):
-    with Shell(box, kill_grace=0.5) as sh:
+    with Shell(box, kill_grace=3.0) as sh:
         sh.run("kill -9 $PPID; kill -9 1", timeout=5)
         assert sh.run("echo alive", timeout=5).output == b"alive\r\n"
         assert b"No such process" in sh.run("kill -9 -1", timeout=5).output
         assert sh.run("kill -9 $$", timeout=5).ended
     assert os.getppid() > 0
-    with Shell(box, kill_grace=0.5) as sh:
+    with Shell(box, kill_grace=3.0) as sh:
         assert sh.run("ls /proc | grep -c '^[0-9]'", timeout=5).output.strip().isdigit()
 
 
@@ -156,7 +156,7 @@ def test_files_mirror_the_world(tmp_path):
 
 
 def test_without_sandbox_the_shell_lives_in_the_world_folder():
-    with Sandbox.create(sandbox=False) as box, Shell(box, kill_grace=0.5) as sh:
+    with Sandbox.create(sandbox=False) as box, Shell(box, kill_grace=3.0) as sh:
         result = sh.run("echo $HOME; touch here", timeout=5)
         assert result.output == f"{box.world / 'home'}\r\n".encode()
         assert (box.world / "home" / "here").exists()

@@ -162,6 +162,15 @@ def test_sandbox_refuses_python_internals():
         template.render([{"role": "user", "content": "x"}])
 
 
+def test_sandbox_refuses_mutation_every_time():
+    """The sandbox's verdicts are memoized: a refused attribute stays refused."""
+    template = ChatTemplate("{{ messages.append(1) }}{{ messages | length }}")
+    for _ in range(2):
+        with pytest.raises(TemplateError, match="unsafe"):
+            template.render([{"role": "user", "content": "x"}])
+    assert ChatTemplate("{{ messages.index(messages[0]) }}").render([{"role": "u"}]) == "0"
+
+
 def test_from_folder_reads_chat_template_jinja(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("J{{ bos_token }}")
     (tmp_path / "tokenizer_config.json").write_text(

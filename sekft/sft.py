@@ -67,10 +67,11 @@ from sekft.tokenizer import load_tokenizer
 
 # Fields that must not change between a run and its --resume: they fix the data order, the
 # model being trained and the schedule, so changing them would not continue the same run.
+# The data, base and template are compared by content hash instead (paths may move).
 RESUME_FIXED = (
-    "data", "full", "r", "alpha", "dropout", "targets", "rslora", "lr", "weight_decay",
-    "warmup_ratio", "min_lr_ratio", "epochs", "max_steps", "batch_tokens", "max_len", "seed",
-    "val_fraction", "template", "load_4bit",
+    "full", "r", "alpha", "dropout", "targets", "rslora", "lr", "weight_decay", "warmup_ratio",
+    "min_lr_ratio", "epochs", "max_steps", "batch_tokens", "max_len", "seed", "val_fraction",
+    "load_4bit",
 )  # fmt: skip
 
 
@@ -542,6 +543,10 @@ def _template_and_tokenizer(cfg: TrainConfig, base):
     return folder, template, load_tokenizer(folder)
 
 
+def _first_few(items: list[str], n: int = 5) -> str:
+    return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")
+
+
 def _announce(progress: ProgressLine, cfg, data: TrainData, total: int, start: int,
               checkpoint: Path | None) -> None:
     trained = sum(e.n_trained for e in data.train)
@@ -552,10 +557,11 @@ def _announce(progress: ProgressLine, cfg, data: TrainData, total: int, start: i
     )
     if data.untrained:
         progress.message(f"dropped {len(data.untrained)} sessions with nothing to train: "
-                         + "; ".join(data.untrained[:5]))
+                         + _first_few(data.untrained))
     if data.overlong:
         progress.message(f"dropped {len(data.overlong)} sessions longer than --max-len "
-                         f"{cfg.max_len}: " + ", ".join(e.source for e in data.overlong[:5]))
+                         f"{cfg.max_len} (all listed in run.json): "
+                         + _first_few([e.source for e in data.overlong]))
     if data.violations:
         progress.message(f"{data.violations} mask check findings; see sekft-train --inspect")
     if checkpoint is not None:

@@ -329,6 +329,13 @@ def test_a_4bit_base_trains_its_adapter_and_loss_falls(tiny_llama, tmp_path):
     assert lora_b and all(t.abs().max() > 0 for t in lora_b)
 
 
+def test_resume_refuses_changed_settings(tiny_llama, tmp_path):
+    cfg = config(tiny_llama, tmp_path, max_steps=2)
+    train(cfg)
+    with pytest.raises(TrainError, match=r"different config\.r, config\.seed"):
+        train(dataclasses.replace(cfg, resume=True, r=8, seed=3))
+
+
 def test_resume_refuses_changed_data(tiny_llama, tmp_path):
     cfg = config(tiny_llama, tmp_path, max_steps=2)
     train(cfg)

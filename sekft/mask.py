@@ -536,7 +536,7 @@ def highlight(encoded: Encoded, color: bool) -> str:
             if color:
                 # A newline inside a coloured run would colour the rest of the terminal line.
                 piece = piece.replace("\n", off + "\n" + on)
-            piece = on + piece + off
+            piece = (on + piece + off).replace(on + off, "")
         out.append(piece)
         k = j
     return "".join(out)

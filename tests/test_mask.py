@@ -467,6 +467,20 @@ def test_inspect_highlights_trained_text_with_markers_off_a_terminal(capsys):
     assert out.splitlines()[-1].endswith("0 straddles, 0 violations: ok")
 
 
+def test_inspect_colours_trained_text_green_and_straddles_yellow_on_a_terminal():
+    import io
+
+    from sekft.mask import inspect_sessions
+
+    out = io.StringIO()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " ls"}]
+    report = inspect_sessions([messages], our_template("phi-3-mini-4k-instruct"),
+                              tokenizer_of("phi-3-mini-4k-instruct"), out, color=True)
+    assert "\x1b[42;30mls<|end|>\x1b[0m" in out.getvalue()
+    assert "\x1b[43;30m<|assistant|>\x1b[0m" in out.getvalue()
+    assert (report.trained_tokens, report.straddles, report.failed) == (2, 1, False)
+
+
 def test_inspect_shows_the_sessions_own_escape_codes_as_text(capsys):
     main(["--inspect", "--data", str(SHELL_SESSIONS), "--base", str(FIXTURES / "smollm2"),
           "--session", "0"])

@@ -1,0 +1,80 @@
+"""`make demo` (python -m sekft.demo): the side-by-side table from sekft-eval's episodes,
+the groups it reports, its bad-input behaviour, and (slow) the whole demo end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sekft import demo
+from sekft.default_base import ADAPTER_FAMILIES, BASE_FAMILIES, DEFAULT_BASE
+from sekft.scenarios import FAMILIES, HELDOUT_FAMILIES
+
+
+def episode(family: str, run: str, passed: bool, ending: str, modes: list[bool]) -> dict:
+    """An episode as sekft-eval's results.json lists it (the fields the demo reads)."""
+    return {"family": family, "run": run, "passed": passed, "ending": ending,
+            "command_mode": modes, "error": None}
+
+
+def test_every_suite_family_is_in_exactly_one_group():
+    groups = [demo.group_of(f) for f in FAMILIES]
+    assert sorted(groups) == sorted(
+        ["base families"] * len(BASE_FAMILIES) + ["adapter families"] * len(ADAPTER_FAMILIES)
+        + ["held-out families"] * len(HELDOUT_FAMILIES))
+
+
+def test_group_rates_count_pass_termination_and_command_mode_per_group_and_run():
+    adapter_family, base_family = ADAPTER_FAMILIES[0], BASE_FAMILIES[0]
+    episodes = [
+        episode(adapter_family, "adapter", True, "exit", [True, True, True]),
+        episode(adapter_family, "adapter", False, "budget", [True, False]),
+        episode(adapter_family, "base", False, "panic", [False]),
+        episode(base_family, "base", True, "exit", [True]),
+    ]
+    rates = demo.group_rates(episodes)
+    assert rates[("adapter families", "adapter")] == {
+        "pass": (1, 2), "terminated": (1, 2), "command mode": (4, 5)}
+    assert rates[("adapter families", "base")] == {
+        "pass": (0, 1), "terminated": (1, 1), "command mode": (0, 1)}
+    assert ("base families", "adapter") not in rates
+
+
+def test_group_rates_leave_scenario_errors_out():
+    broken = dict(episode(BASE_FAMILIES[0], "base", False, "exit", []), error="setup failed")
+    assert demo.group_rates([broken]) == {}
+
+
+def test_table_puts_both_runs_of_a_group_on_adjacent_rows():
+    family = ADAPTER_FAMILIES[0]
+    lines = demo.side_by_side([
+        episode(family, "adapter", True, "exit", [True]),
+        episode(family, "base", False, "budget", [False]),
+    ]).splitlines()
+    assert lines[0].split()[:2] == ["group", "run"]
+    assert "base alone" in lines[1] and "0% (0/1)" in lines[1]
+    assert "base + adapter" in lines[2] and "100% (1/1)" in lines[2]
+
+
+def test_demo_without_a_base_says_how_to_build_one(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sekft.demo", "--base", str(tmp_path / "none"),
+         "--work", str(tmp_path / "work")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "make base" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEFAULT_BASE / "model.safetensors").exists(),
+                    reason="the default base is not built (make base)")
+def test_demo_runs_end_to_end_and_prints_both_rows_per_group(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sekft.demo", "--work", str(tmp_path)],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout.split("base alone vs base + adapter")[1]
+    for group in demo.GROUPS:
+        rows = [line for line in table.splitlines() if line.startswith(group)]
+        assert [("base + adapter" in r) for r in rows] == [False, True]

@@ -1,7 +1,7 @@
 """Base loading speed and memory: sekft's loader against transformers, in one run.
 
     .venv/bin/python bench/load.py [--checkpoint DIR] [--make-checkpoint 135m|1b] [--warm]
-                                   [--bf16-only] [--no-transformers]
+                                   [--bf16-only] [--no-transformers] [--threads N]
 
 For each configuration (sekft bf16, sekft 4-bit, transformers bf16, transformers 4-bit when
 it runs here), a fresh process imports, loads, reads every weight (one byte per 4 KiB page of
@@ -192,8 +192,11 @@ def touch_every_page(model) -> int:
     return total
 
 
-def worker(side: str, four_bit: bool, folder: Path, started: float) -> dict:
+def worker(side: str, four_bit: bool, folder: Path, started: float, threads: int | None) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     if side == "sekft":
         from sekft.base import load_base
@@ -234,12 +237,14 @@ def worker(side: str, four_bit: bool, folder: Path, started: float) -> dict:
     }
 
 
-def run_worker(side: str, four_bit: bool, folder: Path, warm: bool) -> dict:
+def run_worker(side: str, four_bit: bool, folder: Path, warm: bool, threads: int | None) -> dict:
     cold = False if warm else drop_page_cache(folder)
     started = time.time()
     cmd = [sys.executable, __file__, "--worker", side, "--checkpoint", str(folder)]
     if four_bit:
         cmd.append("--load-4bit")
+    if threads:
+        cmd += ["--threads", str(threads)]
     done = subprocess.run(
         cmd + ["--started", repr(started)], capture_output=True, text=True, cwd=ROOT
     )
@@ -295,6 +300,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, help="default: bench/checkpoints/random-135m")
     parser.add_argument("--make-checkpoint", choices=sorted(SHAPES), help="write one, then run")
     parser.add_argument("--warm", action="store_true", help="keep the page cache warm")
+    parser.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     parser.add_argument("--no-transformers", action="store_true", help="sekft rows only")
     parser.add_argument(
         "--bf16-only", action="store_true", help="skip the 4-bit rows (slow on CPU)"
@@ -305,7 +311,8 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(worker(args.worker, args.load_4bit, args.checkpoint, args.started)))
+        result = worker(args.worker, args.load_4bit, args.checkpoint, args.started, args.threads)
+        print(json.dumps(result))
         return 0
 
     if args.make_checkpoint:
@@ -326,7 +333,7 @@ def main() -> int:
         except ImportError:
             print("transformers is not installed: sekft rows only")
     rows = [
-        run_worker(side, four_bit, folder, args.warm)
+        run_worker(side, four_bit, folder, args.warm, args.threads)
         for side in sides
         for four_bit in ((False,) if args.bf16_only else (False, True))
     ]
@@ -335,10 +342,15 @@ def main() -> int:
         "checkpoint": str(folder),
         "checkpoint_bytes": checkpoint_bytes,
         "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "load_average": os.getloadavg(),
         "rows": rows,
         "cuda": bandwidth,
     }
-    print(f"checkpoint {folder} ({checkpoint_bytes / 1e9:.2f} GB), CPU, fresh process per row")
+    print(
+        f"checkpoint {folder} ({checkpoint_bytes / 1e9:.2f} GB), CPU, fresh process per row, "
+        f"threads {args.threads or 'default'}, load average {os.getloadavg()[0]:.1f}"
+    )
     print(table(rows, checkpoint_bytes))
     if any(r.get("cold_cache") is False for r in rows if "error" not in r) and not args.warm:
         print("note: could not drop the page cache (no posix_fadvise): rows ran warm")

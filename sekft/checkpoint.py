@@ -150,13 +150,6 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
-
 
 _DTYPES = {
     "F64": torch.float64,

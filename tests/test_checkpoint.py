@@ -160,3 +160,9 @@ def test_cli_summarises_a_good_base(tiny_qwen2, capsys):
     assert base_cli.main([str(tiny_qwen2), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "model_type  qwen2" in out and "q/k/v bias" in out and "tied        True" in out
+
+
+def test_load_base_is_exported_from_the_package():
+    import sekft
+
+    assert sekft.load_base is load_base

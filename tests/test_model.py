@@ -220,6 +220,25 @@ def test_packed_documents_give_the_logits_each_gives_alone(tiny):
     torch.testing.assert_close(packed[9:], alone[1], atol=TOL, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def mistral_model(tiny_mistral):
+    return load_base(tiny_mistral, device="cpu").model
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=4))
+def test_any_packing_gives_each_document_its_own_logits(mistral_model, lengths):
+    ids = _ids(1, sum(lengths), seed=len(lengths))[0]
+    doc_ids = torch.tensor([[d for d, n in enumerate(lengths) for _ in range(n)]])
+    with torch.no_grad():
+        packed = mistral_model(ids[None], doc_ids=doc_ids)[0]
+        start = 0
+        for n in lengths:
+            alone = mistral_model(ids[None, start : start + n])[0]
+            torch.testing.assert_close(packed[start : start + n], alone, atol=TOL, rtol=0)
+            start += n
+
+
 def test_left_padded_batch_with_doc_ids_and_positions_matches_unpadded(tiny_llama):
     model = load_base(tiny_llama, device="cpu").model
     ids = _ids(1, 6)

@@ -501,13 +501,15 @@ def train(
                 val_loss = record["val_loss"] = evaluate(model, val_rows, device, dtype,
                                                          cfg.loss_chunk)
                 val_points.append((step, val_loss))
-            if step % cfg.log_every == 0 or last:
+            logged = step % cfg.log_every == 0 or last
+            if logged:
                 append_metrics(out, record)
                 train_points.append((step, loss))
                 write_atomic(out / "loss.svg", loss_curve_svg(train_points, val_points))
-            eta = elapsed / (step - start) * (total - step)
-            progress.update(format_progress(step, total, loss, record["tokens_per_s"], eta,
-                                            record["peak_memory"]), record)
+            if logged or progress.tty:
+                eta = elapsed / (step - start) * (total - step)
+                progress.update(format_progress(step, total, loss, record["tokens_per_s"], eta,
+                                                record["peak_memory"]), record)
             if "val_loss" in record:
                 progress.message(f"step {step}: validation loss {val_loss:.4f}")
             if (cfg.save_every and step % cfg.save_every == 0) or last or stop.is_set():

@@ -82,6 +82,7 @@ def _help(text: str) -> dict:
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; `sekft-train --x-y` sets field `x_y`."""
+
     data: str = field(metadata=_help("JSONL file or folder of *.jsonl trajectories"))
     base: str = field(metadata=_help("base checkpoint folder, or org/name in the HF cache"))
     out: str = field(default="", metadata=_help("output folder (required unless --inspect)"))
@@ -127,6 +128,7 @@ class TrainConfig:
 @dataclass
 class TrainData:
     """Encoded sessions ready to pack, and what happened to the others."""
+
     train: list[Example]
     val: list[Example]
     sessions: list  # (index in the data, normalised Session) behind train + val, for --inspect
@@ -393,6 +395,8 @@ def ctrl_c_requests_stop(stop: threading.Event):
 
 @dataclass
 class TrainResult:
+    """How a run ended: where its outputs are, how far it got, its last losses."""
+
     out: Path
     steps: int  # optimizer steps done, counting those before a resume
     total_steps: int
@@ -520,6 +524,7 @@ def train(
             if stop.is_set():
                 break
     progress.close()
+    model.eval()  # a resident base goes back to serving: no dropout
     write_weights(out)
     interrupted = step < total
     if interrupted:

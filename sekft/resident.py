@@ -12,8 +12,9 @@ connection.
 Requests:
 - `{"op": "train", "args": [...], "cwd": "/abs/dir", "detach": false}`: `args` are
   `sekft-train` options, `eval` likewise with `sekft-eval` options; the server owns the
-  base, so `--base` and `--load-4bit` are refused. Relative paths in `--data`, `--out`,
-  `--adapter` and `--scenarios` are resolved against `cwd` (default: the server's).
+  base, so `--base`, `--load-4bit`, `--device` and `--dtype` are refused. Relative paths in
+  `--data`, `--out`, `--adapter` and `--scenarios` are resolved against `cwd` (default: the
+  server's).
   Replies: `{"event": "queued", "job": N, "position": P}` (P jobs run before it), then,
   unless detached, `{"event": "started", "job": N}`, any number of
   `{"event": "progress", "job": N, "line": "...", ...fields}`, and one terminal event:
@@ -98,7 +99,8 @@ def private_dir(folder: Path) -> None:
     socket, so a folder we do not own or that others can enter is refused.
     """
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
+    # lstat: a symlink planted by someone else is theirs, whatever it points to.
+    info = folder.lstat()
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise ResidentError(
             f"{folder}: socket folder must be owned by you with mode 0700 "
@@ -193,7 +195,13 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        # Each job's result reports its own CUDA peak, not the server's lifetime one.
+
+
+def reset_peak_memory() -> None:
+    """Start a job's CUDA peak from here, so its result reports its own, not the server's."""
+    import torch
+
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -206,7 +214,6 @@ class Job:
     events: list[dict] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str = ""
-    submitted: float = field(default_factory=time.time)
 
     def summary(self) -> dict:
         return {"job": self.id, "op": self.op, "state": self.state, "args": self.args}
@@ -290,6 +297,7 @@ class Resident:
                 job.state = "running"
                 self._emit(job, {"event": "started"})
             log(f"job {job.id} ({job.op}) started")
+            reset_peak_memory()
             final = self._run(job)
             # Drop the job's tensors before it counts as finished, so the next job (and a
             # memory reading taken on its result) starts from the same footprint.
@@ -320,6 +328,7 @@ class Resident:
         return {"event": "result", "result": result}
 
     def status(self) -> dict:
+        memory = memory_snapshot()
         with self.changed:
             return {
                 "event": "status",
@@ -332,7 +341,7 @@ class Resident:
                 "finished": [
                     j.summary() for j in self.jobs.values() if j.state not in ("queued", "running")
                 ],
-                "memory": memory_snapshot(),
+                "memory": memory,
             }
 
     # --- shutdown ---------------------------------------------------------------------

@@ -169,6 +169,21 @@ def test_private_dir_refuses_a_folder_others_can_enter(tmp_path):
         resident.private_dir(folder)
 
 
+def test_base_checksum_sees_a_changed_base_weight_but_not_lora_weights():
+    import torch
+    from torch import nn
+
+    model = nn.Module()
+    model.proj = nn.Linear(4, 4)
+    model.lora_A = nn.Linear(4, 2, bias=False)
+    before = resident.base_checksum(model)
+    with torch.no_grad():
+        model.lora_A.weight.add_(1.0)
+        assert resident.base_checksum(model) == before
+        model.proj.weight[0, 0] += 1e-6
+    assert resident.base_checksum(model) != before
+
+
 # --- the server answers and carries on --------------------------------------------------
 
 
@@ -581,3 +596,14 @@ def test_sigterm_lets_the_training_job_checkpoint_then_the_server_exits(tiny_lla
     step = final["result"]["steps"]
     assert final["result"]["interrupted"] and step < 10000
     assert (tmp_path / "run" / f"checkpoint-{step}" / "adapter_model.safetensors").exists()
+
+
+def test_four_bit_base_stays_bitwise_unchanged_across_train_jobs(tiny_llama, tmp_path):
+    data = write_sessions(tmp_path / "data")
+    hot = resident.load_resident(str(tiny_llama), True, "cpu", "float32")
+    before = resident.base_checksum(hot.base.model)
+    for seed in ("1", "2"):
+        args = ["--data", str(data), "--out", str(tmp_path / seed), *TRAIN, "--seed", seed]
+        result = resident.train_job(hot, args, lambda line, **fields: None, threading.Event())
+        assert result["steps"] == 2
+    assert resident.base_checksum(hot.base.model) == before

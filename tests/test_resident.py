@@ -405,7 +405,10 @@ def test_uncaught_bug_in_a_job_is_reported_and_the_server_carries_on(socket_path
 
 # --- the real trainer on a tiny base ------------------------------------------------------
 
+# LoRA dropout off: a cold `sekft-eval` attaches the adapter's layers in training mode, so
+# with dropout its greedy replies would not be reproducible.
 TRAIN = ["--max-steps", "2", "--batch-tokens", "128", "--max-len", "96", "--val-fraction", "0"]
+TRAIN += ["--dropout", "0"]
 SCENARIOS = REPO / "tests" / "fixtures" / "scenarios"
 EVAL = ["--scenarios", str(SCENARIOS), "--split", "all", "--max-new-tokens", "8"]
 

@@ -243,6 +243,7 @@ class Resident:
     stopping: threading.Event = field(default_factory=threading.Event)
     closed: threading.Event = field(default_factory=threading.Event)
     worker: threading.Thread | None = None
+    farewells: list[threading.Event] = field(default_factory=list)
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -378,6 +379,10 @@ class Resident:
             self.socket_path.unlink(missing_ok=True)
             self.lock_file.close()
             self.closed.set()
+        # Connection threads are daemons: let those answering `shutdown` say so before the
+        # process can exit under them.
+        for answered in self.farewells:
+            answered.wait(timeout=5)
         log("stopped")
 
     def serve_connection(self, conn: socket.socket) -> None:
@@ -410,9 +415,14 @@ class Resident:
             self.cancel(request["job"], f"cancelled by a client (job {request['job']})")
             return send(conn, {"event": "ok", "job": request["job"]})
         if op == "shutdown":
+            answered = threading.Event()
+            with self.changed:
+                self.farewells.append(answered)
             self.begin_shutdown("server shutdown")
             self.closed.wait()
-            return send(conn, {"event": "ok", "job": None})
+            still_there = send(conn, {"event": "ok", "job": None})
+            answered.set()
+            return still_there
         if op == "watch":
             return self.follow(conn, self._job(request["job"]))
         job = self.submit(op, resolve_paths(request["args"], request["cwd"]))
@@ -734,13 +744,12 @@ def serve(
     base: str, load_4bit: bool, device: str | None, dtype: str | None, socket_path: Path
 ) -> int:
     """`sekft-resident serve`: load `base` once and run jobs until shutdown."""
-    log(f"loading {base}{' in 4 bits' if load_4bit else ''}")
-    resident = start(
-        base,
-        lambda: load_resident(base, load_4bit, device, dtype),
-        {"train": train_job, "eval": eval_job},
-        socket_path,
-    )
+
+    def loader() -> ResidentBase:
+        log(f"loading {base}{' in 4 bits' if load_4bit else ''}")
+        return load_resident(base, load_4bit, device, dtype)
+
+    resident = start(base, loader, {"train": train_job, "eval": eval_job}, socket_path)
     stop_on_signals(resident)
     log(f"loaded in {resident.load_seconds:.1f}s; serving on {resident.socket_path}")
     resident.serve_forever()

@@ -337,6 +337,20 @@ def test_shutdown_stops_the_running_job_cancels_the_queue_and_removes_the_socket
     assert not socket_path.exists()
 
 
+def test_shutdown_answers_before_the_server_process_exits(socket_path):
+    script = f"""
+from pathlib import Path
+from sekft import resident
+server = resident.start("tiny", lambda: "base", {{}}, Path({str(socket_path)!r}))
+server.serve_forever()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    wait_for(lambda: socket_path.exists() or proc.poll() is not None)
+    assert resident.main(["shutdown", "--socket", str(socket_path)]) == 0
+    assert proc.wait(30) == 0
+    assert not socket_path.exists()
+
+
 # --- one server per socket --------------------------------------------------------------
 
 

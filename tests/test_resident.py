@@ -345,9 +345,14 @@ server = resident.start("tiny", lambda: "base", {{}}, Path({str(socket_path)!r})
 server.serve_forever()
 """
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
-    wait_for(lambda: socket_path.exists() or proc.poll() is not None)
-    assert resident.main(["shutdown", "--socket", str(socket_path)]) == 0
-    assert proc.wait(30) == 0
+    try:
+        wait_for(lambda: socket_path.exists() or proc.poll() is not None)
+        assert resident.main(["shutdown", "--socket", str(socket_path)]) == 0
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert not socket_path.exists()
 
 
@@ -593,22 +598,28 @@ def test_sigterm_lets_the_training_job_checkpoint_then_the_server_exits(tiny_lla
             stderr=subprocess.PIPE,
             text=True,
         )
-        wait_for(lambda: path.exists() or server.poll() is not None, timeout=120)
-        # Many tiny steps: the job is mid-run when SIGTERM arrives.
-        args = ["--data", "data", "--out", "run", "--max-steps", "10000", "--batch-tokens", "64"]
-        with connect(path) as conn:
-            conn.settimeout(120)
-            req = {"op": "train", "args": [*args, "--max-len", "96"], "cwd": str(tmp_path)}
-            conn.sendall((json.dumps(req) + "\n").encode())
-            reader = conn.makefile("rb")
-            event = {}
-            while not event.get("line", "").startswith("step 1/"):
-                event = json.loads(reader.readline())
-                assert event["event"] not in resident.TERMINAL_EVENTS, event
-            server.send_signal(signal.SIGTERM)
-            final = read_events(conn)[-1]
-        assert server.wait(60) == 0, server.stderr.read()
-        assert not path.exists()
+        try:
+            wait_for(lambda: path.exists() or server.poll() is not None, timeout=120)
+            # Many tiny steps: the job is mid-run when SIGTERM arrives.
+            args = ["--data", "data", "--out", "run", "--max-len", "96"]
+            args += ["--max-steps", "10000", "--batch-tokens", "64"]
+            with connect(path) as conn:
+                conn.settimeout(120)
+                req = {"op": "train", "args": args, "cwd": str(tmp_path)}
+                conn.sendall((json.dumps(req) + "\n").encode())
+                reader = conn.makefile("rb")
+                event = {}
+                while not event.get("line", "").startswith("step 1/"):
+                    event = json.loads(reader.readline())
+                    assert event["event"] not in resident.TERMINAL_EVENTS, event
+                server.send_signal(signal.SIGTERM)
+                final = read_events(conn)[-1]
+            assert server.wait(60) == 0, server.stderr.read()
+            assert not path.exists()
+        finally:
+            if server.poll() is None:  # a failed assertion must not leave it running
+                server.kill()
+                server.wait()
     assert final["event"] == "cancelled" and "SIGTERM" in final["reason"]
     step = final["result"]["steps"]
     assert final["result"]["interrupted"] and step < 10000

@@ -489,4 +489,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module as imported, not this __main__ copy: generate.py raises the imported
+    # module's ContextExhausted, which this copy's handlers would not recognise.
+    import importlib
+
+    sys.exit(importlib.import_module("sekft.eval").main())

@@ -224,29 +224,48 @@ class EndpointPolicy:
 def policies_from_args(args: argparse.Namespace) -> dict[str, Policy]:
     """The runs `sekft-eval` asked for, by name: "adapter" (and "base" with --baseline), or
     "base" alone without an adapter; with --endpoint, the served model names."""
-    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
     if args.endpoint:
+        sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
         names = [args.model] + ([args.baseline_model] if args.baseline else [])
         return {name: EndpointPolicy(args.endpoint, name, sampling) for name in names}
     from sekft.base import DTYPES, load_base
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     base = load_base(args.base, dtype=dtype, device=args.device, load_4bit=args.load_4bit)
+    return model_policies(base, args)
+
+
+def model_policies(base, args: argparse.Namespace) -> dict[str, Policy]:
+    """The runs of `policies_from_args` on an already loaded `sekft.base.Base` (a cold load or
+    the resident server's): the adapter goes into the model's LoRA slots (replacing slots of
+    another rank or targets), the base alone runs with the slots switched off."""
+    from sekft.errors import AdapterError
+    from sekft.lora import detach_lora, load_adapter, lora_modules
+
     if base.chat_template is None:
         raise TemplateError(f"{base.path}: the base has no chat template; sekft-eval renders "
                             "sessions with the model's own template")
+    model = base.model
     template = ChatTemplate(base.chat_template, base.special_tokens)
+    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
     max_context = args.max_context or base.config.max_position_embeddings
 
     def policy(base_only: bool) -> ModelPolicy:
-        return ModelPolicy(base.model, base.tokenizer, template, sampling, max_context, base_only)
+        return ModelPolicy(model, base.tokenizer, template, sampling, max_context, base_only)
 
+    if args.adapter:
+        try:
+            load_adapter(model, args.adapter)
+        except AdapterError:
+            if not lora_modules(model):
+                raise
+            detach_lora(model)
+            load_adapter(model, args.adapter)
+    # Generation is inference: no LoRA dropout, whatever mode a train job left the model in.
+    model.eval()
     if not args.adapter:
-        return {"base": policy(False)}
-    from sekft.lora import load_adapter
-
-    load_adapter(base.model, args.adapter)
-    runs = {"adapter": policy(False)}
+        return {"base": policy(base_only=bool(lora_modules(model)))}
+    runs = {"adapter": policy(base_only=False)}
     if args.baseline:
-        runs["base"] = policy(True)
+        runs["base"] = policy(base_only=True)
     return runs

@@ -240,7 +240,9 @@ def attach_lora(
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in found.items():
-        model.set_submodule(name, LoRALinear(layer, r, alpha, dropout, rslora, dtype))
+        # New layers follow the model's mode: an eval-mode model must not get LoRA dropout.
+        wrapped = LoRALinear(layer, r, alpha, dropout, rslora, dtype).train(model.training)
+        model.set_submodule(name, wrapped)
     reset_lora(model, seed)
     return lora_modules(model)
 

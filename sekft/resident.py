@@ -632,45 +632,11 @@ def train_job(
 
 
 def eval_policies(resident: ResidentBase, args: argparse.Namespace) -> dict[str, Any]:
-    """The runs an eval job asks for ("adapter", and "base" with --baseline; "base" alone
-    without an adapter), as `sekft.generate.policies_from_args` builds them, but on the
-    resident model: the adapter goes into the LoRA slots, the base alone runs with them off."""
-    from sekft.errors import AdapterError, TemplateError
-    from sekft.generate import ModelPolicy, Sampling
-    from sekft.lora import detach_lora, load_adapter, lora_modules
-    from sekft.template import ChatTemplate
+    """The runs an eval job asks for, built by `sekft.generate.model_policies` on the
+    resident model."""
+    from sekft.generate import model_policies
 
-    base, model = resident.base, resident.base.model
-    if base.chat_template is None:
-        raise TemplateError(
-            f"{base.path}: the base has no chat template; sekft-eval renders "
-            "sessions with the model's own template"
-        )
-    template = ChatTemplate(base.chat_template, base.special_tokens)
-    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
-    max_context = args.max_context or base.config.max_position_embeddings
-
-    def policy(base_only: bool) -> Any:
-        return ModelPolicy(model, base.tokenizer, template, sampling, max_context, base_only)
-
-    if args.adapter:
-        try:
-            load_adapter(model, args.adapter)
-        except AdapterError:
-            if not lora_modules(model):
-                raise
-            # The slots have another rank or targets: replace them with the adapter's own.
-            detach_lora(model)
-            load_adapter(model, args.adapter)
-    # A train job leaves the model in training mode, and newly attached LoRA layers start in
-    # it (LoRA dropout on): generation runs in eval mode, as after a fresh load.
-    model.eval()
-    if not args.adapter:
-        return {"base": policy(base_only=bool(lora_modules(model)))}
-    runs = {"adapter": policy(base_only=False)}
-    if args.baseline:
-        runs["base"] = policy(base_only=True)
-    return runs
+    return model_policies(resident.base, args)
 
 
 def eval_job(

@@ -286,6 +286,17 @@ def test_attaching_twice_is_rejected() -> None:
         attach_lora(model, r=2, alpha=4)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_attached_layers_take_the_models_mode_so_an_eval_model_gets_no_dropout(training) -> None:
+    model = toy().train(training)
+    attach_lora(model, r=2, alpha=4, dropout=0.5)
+    assert {m.training for m in lora.lora_modules(model).values()} == {training}
+    randomize_lora(model)
+    if not training:
+        with torch.no_grad():
+            assert torch.equal(model(ids()), model(ids()))
+
+
 @pytest.mark.parametrize("r, dropout", [(0, 0.0), (2, 1.0), (2, -0.1)])
 def test_bad_rank_or_dropout_is_rejected(r: int, dropout: float) -> None:
     with pytest.raises(AdapterError):

@@ -55,7 +55,9 @@ class ResidentError(SekftError):
     """The resident server cannot start or be reached, or a request to it is malformed."""
 
 
-def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+def run_cli(
+    prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None
+) -> int:
     """Run a CLI entry point: a `SekftError` becomes one line on stderr and exit code 1."""
     try:
         return main(argv)

@@ -366,6 +366,8 @@ def ship(run: Path, out: Path, recipe: dict, copy_log: Path) -> None:
         metrics.append(r)
     write_jsonl(metrics, tmp / "metrics.jsonl")
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    for path in tmp.iterdir():
+        path.chmod(0o644)  # the trainer writes private files; package data is world-readable
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         out.rename(old)

@@ -85,6 +85,14 @@ def side_by_side(episodes: list[dict]) -> str:
                      for row in rows)
 
 
+def command(script: str, module: str) -> list[str]:
+    """How to run one of sekft's CLIs: its console script beside this Python when installed
+    (`python -m sekft.eval` would run eval as __main__, whose exception classes differ from
+    those the rest of sekft imports), else the module."""
+    path = Path(sys.executable).parent / script
+    return [str(path)] if path.exists() else [sys.executable, "-m", module]
+
+
 def run_step(title: str, argv: list[str], env: dict[str, str]) -> float:
     """Run one step's command, its output streaming through; seconds taken. A failing
     step is a SekftError naming the command."""
@@ -99,14 +107,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sekft.demo", description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("build/demo"), help="output folder")
     p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="the base to adapt")
-    p.add_argument("--adapter-seeds", type=int, default=60,
+    p.add_argument("--adapter-seeds", type=int, default=80,
                    help="recorded training episodes per adapter family")
     p.add_argument("--replay-seeds", type=int, default=8,
                    help="recorded training episodes per base family, against forgetting")
     p.add_argument("--eval-seeds", type=int, default=10,
                    help="held-out episodes per adapter family (half that for the others)")
-    p.add_argument("--steps", type=int, default=300, help="adapter training steps")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=500, help="adapter training steps")
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--jobs", type=int, default=2, help="episodes run at the same time")
     p.add_argument("--threads", type=int, default=0,
@@ -147,15 +155,17 @@ def _main(argv: list[str] | None) -> int:
             "sekft.scenarios", "--split", "heldout", "--families", ",".join(families),
             "--seeds", str(seeds), "--out", str(scenarios),
         ], env)
-    run_step("2/3 train a LoRA adapter on the default base", py + [
-        "sekft.sft", "--base", str(args.base), "--data", str(train_data),
+    train = command("sekft-train", "sekft.sft")
+    run_step("2/3 train a LoRA adapter on the default base", train + [
+        "--base", str(args.base), "--data", str(train_data),
         "--out", str(work / "adapter"), "--overwrite", "--r", str(args.r),
         "--alpha", str(2 * args.r), "--dropout", "0", "--lr", str(args.lr),
         "--max-steps", str(args.steps), "--batch-tokens", "1024", "--max-len", "1024",
         "--warmup-ratio", "0.05", "--log-every", "10", "--device", "cpu",
     ], env)
-    run_step("3/3 evaluate base + adapter and the base alone on held-out scenarios", py + [
-        "sekft.eval", "--base", str(args.base), "--adapter", str(work / "adapter"),
+    evaluate = command("sekft-eval", "sekft.eval")
+    run_step("3/3 evaluate base + adapter and the base alone on held-out scenarios", evaluate + [
+        "--base", str(args.base), "--adapter", str(work / "adapter"),
         "--baseline", "--scenarios", str(scenarios), "--split", "heldout",
         "--out", str(work / "eval"), "--max-new-tokens", "48", "--device", "cpu", *jobs,
     ], env)

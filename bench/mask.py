@@ -1,6 +1,7 @@
 """Render + tokenize + mask throughput of sekft.mask, next to transformers on the same sessions.
 
     .venv/bin/python bench/mask.py [--sessions 2000] [--template DIR] [--repeat 3]
+    .venv/bin/python bench/mask.py --data /tmp/traj.jsonl   # recorded trajectories instead
 
 Generates multi-turn shell sessions (banner, ls, cat, --help output with ANSI noise and long
 lines, exit), then times, in one run and on the same sessions:
@@ -10,10 +11,13 @@ lines, exit), then times, in one run and on the same sessions:
 - transformers masking: `apply_chat_template(tokenize=True, return_dict=True,
   return_assistant_tokens_mask=True)` with a ChatML template carrying `{% generation %}` tags
   (its only masking path: one render, one tokenization, no checks).
-Also times the parts of sekft's cost (its renders; tokenizing R) and a floor no masking
-method can beat: one render of R plus its tokenization. Reports sessions/s, tokens/s and
-ratios against transformers' masking path, in CPU time (steady when the machine is shared)
-and wall time; best of `--repeat` round-robin rounds.
+Also times the parts of sekft's cost (its renders; tokenizing R piecewise, each distinct
+piece between added tokens once, as `encode_sessions` does) next to tokenizing R whole (what
+transformers pays), and two floors: one render of R plus its whole tokenization (no mask at
+all), and one render plus piecewise tokenization. Prints how much of R's text is distinct
+pieces (what the piece cache cannot save). Reports sessions/s, tokens/s and ratios against
+transformers' masking path, in CPU time (steady when the machine is shared) and wall time;
+best of `--repeat` round-robin rounds.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sekft.mask import encode_sessions, session_renders  # noqa: E402
+from sekft.pieces import encode_texts, piece_splitter, text_layout  # noqa: E402
 from sekft.template import ChatTemplate, normalize_for_template  # noqa: E402
 from sekft.tokenizer import load_tokenizer  # noqa: E402
 
@@ -96,14 +101,34 @@ def best_times(
     return best
 
 
+def distinct_pieces(tokenizer, texts: list[str]) -> str:
+    """How much of the texts' characters are in distinct pieces between added tokens."""
+    splitter = piece_splitter(tokenizer)
+    if splitter is None:
+        return "pieces: this tokenizer is tokenized whole (no piece cache)"
+    pieces = [key[1] for text in texts for _, key in text_layout(text, *splitter)
+              if isinstance(key[0], bool)]
+    total, distinct = sum(map(len, pieces)), sum(map(len, set(pieces)))
+    return (f"pieces: {len(pieces)} pieces, {len(set(pieces))} distinct; {distinct} of {total} "
+            f"characters ({distinct / max(total, 1):.0%}) are in distinct pieces")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--template", default=str(ROOT / "tests/fixtures/templates/smollm2"))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--data", help="JSONL sessions (e.g. recorded trajectories) to use "
+                        "instead of generated ones")
     args = parser.parse_args(argv)
 
-    sessions = shell_sessions(args.sessions)
+    if args.data:
+        from sekft.data import read_sessions
+
+        sessions = [normalize_for_template(s.messages) for s in read_sessions(args.data)]
+        args.sessions = len(sessions)
+    else:
+        sessions = shell_sessions(args.sessions)
     template = ChatTemplate.from_folder(args.template)
     tokenizer = load_tokenizer(args.template)
     generation = ChatTemplate(CHATML_GENERATION, template.special_tokens)
@@ -115,11 +140,16 @@ def main(argv: list[str] | None = None) -> int:
          lambda: encode_sessions(sessions, template, tokenizer)),
         ("  of which: renders R, every P_i and H_i",
          lambda: [session_renders(m, template) for m in sessions]),
-        ("  of which: tokenizing R with offsets (both pay it)",
-         lambda: tokenizer.encode_batch(texts, add_special_tokens=False)),
-        ("floor: render R once + tokenize it (no mask at all)",
-         lambda: tokenizer.encode_batch([template.render(m) for m in sessions],
-                                        add_special_tokens=False)),
+        ("  of which: tokenizing R piecewise, with offsets",
+         lambda: encode_texts(tokenizer, texts)),
+        ("tokenizing R whole, with offsets (transformers pays it)",
+         lambda: [(e.ids, e.offsets) for e in tokenizer.encode_batch(
+             texts, add_special_tokens=False)]),
+        ("floor: render R once + tokenize it whole (no mask)",
+         lambda: [(e.ids, e.offsets) for e in tokenizer.encode_batch(
+             [template.render(m) for m in sessions], add_special_tokens=False)]),
+        ("floor: render R once + tokenize it piecewise (no mask)",
+         lambda: encode_texts(tokenizer, [template.render(m) for m in sessions])),
         ("sekft encode_sessions (generation-tagged ChatML)",
          lambda: encode_sessions(sessions, generation, tokenizer)),
     ]
@@ -141,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     print(f"{args.sessions} sessions, {tokens} tokens ({tokens / args.sessions:.0f}/session), "
           f"template {args.template}, best of {args.repeat} round-robin rounds")
+    print(distinct_pieces(tokenizer, texts))
     # CPU time (all threads of this process) barely moves with other load on the machine;
     # wall time is what a user waits.
     for label, clock in (("CPU time", time.process_time), ("wall time", time.perf_counter)):

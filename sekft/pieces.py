@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from operator import itemgetter
 
 from tokenizers import Tokenizer
 
@@ -76,15 +77,14 @@ def encode_texts(
     if splitter is None:
         whole = [(e.ids, e.offsets) for e in tokenizer.encode_batch(texts,
                                                                     add_special_tokens=False)]
-        return [(ids, offsets, [end for _, end in offsets]) for ids, offsets in whole]
+        return [(ids, offsets, list(map(itemgetter(1), offsets))) for ids, offsets in whole]
     cache = {} if cache is None else cache
     layouts = [text_layout(text, *splitter) for text in texts]
     missing = list({key for layout in layouts for _, key in layout
                     if isinstance(key[0], bool) and key not in cache})
     for key, e in zip(missing, tokenizer.encode_batch([k[1] for k in missing],
                                                       add_special_tokens=False), strict=True):
-        offsets = e.offsets
-        cache[key] = (e.ids, [s for s, _ in offsets], [e for _, e in offsets])
+        cache[key] = (e.ids, e.offsets)
     return [assemble(layout, cache) for layout in layouts]
 
 
@@ -113,21 +113,17 @@ def text_layout(
 
 
 def assemble(layout: Sequence[tuple[int, tuple]], cache: dict) -> Encoding:
-    """Concatenate the tokens of a text's pieces and added tokens, shifting piece offsets.
-
-    Shifts run in C (map, zip): building a tuple per token in Python costs as much again.
-    """
+    """Concatenate the tokens of a text's pieces and added tokens, shifting piece offsets."""
     ids: list[int] = []
-    starts: list[int] = []
-    ends: list[int] = []
+    offsets: list[tuple[int, int]] = []
     for start, what in layout:
         if isinstance(what[0], bool):
-            piece_ids, piece_starts, piece_ends = cache[what]
+            piece_ids, piece_offsets = cache[what]
             ids += piece_ids
-            starts += map(start.__add__, piece_starts)
-            ends += map(start.__add__, piece_ends)
+            if start:
+                piece_offsets = [(s + start, e + start) for s, e in piece_offsets]
+            offsets += piece_offsets
         else:
             ids.append(what[0])
-            starts.append(start)
-            ends.append(what[1])
-    return ids, list(zip(starts, ends, strict=True)), ends
+            offsets.append((start, what[1]))
+    return ids, offsets, list(map(itemgetter(1), offsets))

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sekft.mask import encode_sessions, session_renders  # noqa: E402
+from sekft.mask import encode_sessions, gc_paused, session_renders  # noqa: E402
 from sekft.pieces import encode_texts, piece_splitter, text_layout  # noqa: E402
 from sekft.template import ChatTemplate, normalize_for_template  # noqa: E402
 from sekft.tokenizer import load_tokenizer  # noqa: E402
@@ -140,16 +140,18 @@ def main(argv: list[str] | None = None) -> int:
          lambda: encode_sessions(sessions, template, tokenizer)),
         ("  of which: renders R, every P_i and H_i",
          lambda: [session_renders(m, template) for m in sessions]),
+        # The parts and floors run with the cyclic GC paused, as inside encode_sessions:
+        # its collections would otherwise tax whichever builds more objects.
         ("  of which: tokenizing R piecewise, with offsets",
-         lambda: encode_texts(tokenizer, texts)),
+         gc_paused()(lambda: encode_texts(tokenizer, texts))),
         ("tokenizing R whole, with offsets (transformers pays it)",
-         lambda: [(e.ids, e.offsets) for e in tokenizer.encode_batch(
-             texts, add_special_tokens=False)]),
+         gc_paused()(lambda: [(e.ids, e.offsets) for e in tokenizer.encode_batch(
+             texts, add_special_tokens=False)])),
         ("floor: render R once + tokenize it whole (no mask)",
-         lambda: [(e.ids, e.offsets) for e in tokenizer.encode_batch(
-             [template.render(m) for m in sessions], add_special_tokens=False)]),
+         gc_paused()(lambda: [(e.ids, e.offsets) for e in tokenizer.encode_batch(
+             [template.render(m) for m in sessions], add_special_tokens=False)])),
         ("floor: render R once + tokenize it piecewise (no mask)",
-         lambda: encode_texts(tokenizer, [template.render(m) for m in sessions])),
+         gc_paused()(lambda: encode_texts(tokenizer, [template.render(m) for m in sessions]))),
         ("sekft encode_sessions (generation-tagged ChatML)",
          lambda: encode_sessions(sessions, generation, tokenizer)),
     ]

@@ -385,7 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=200, help="recorded train seeds per family")
     p.add_argument("--heldout-seeds", type=int, default=8)
-    p.add_argument("--copy-share", type=float, default=0.25,
+    p.add_argument("--copy-share", type=float, default=0.5,
                    help="copy sessions per recorded session")
     p.add_argument("--steps", type=int, default=9000)
     p.add_argument("--batch-tokens", type=int, default=1024)
@@ -397,8 +397,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--margin", type=int, default=1500,
                    help="steps trained after the copy target is first reached, then stop")
     p.add_argument("--jobs", type=int, default=4, help="episodes recorded at the same time")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default; 1 is faster on a busy CPU)")
+    # The thread count changes the order of float sums, so the same seed gives the same
+    # weights only with the same count; one thread was also the fastest on a busy CPU.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--resume", action="store_true", help="continue the run in --work")
     return p.parse_args(argv)
 
@@ -407,8 +408,9 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.steps < 1 or args.seeds < 1 or not 0 <= args.copy_share <= 4:
         raise ConfigError("--steps and --seeds must be positive, --copy-share in [0, 4]")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise ConfigError("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     train, heldout = record_base_data(work, args.seeds, args.heldout_seeds, args.jobs)

@@ -6,14 +6,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sekft-installed
 
-BASE ?=
-DATA ?=
+# make train / eval default to the embedded base and the data `make data` records.
+BASE ?= sekft/assets/default-base
+DATA_DIR ?= data
+DATA ?= $(DATA_DIR)/train.jsonl
 OUT ?= runs/train
+TRAIN_ARGS ?=
 ADAPTER ?=
-SCENARIOS ?=
+SCENARIOS ?= $(DATA_DIR)/heldout-scenarios
 EVAL_OUT ?= runs/eval
+EVAL_ARGS ?=
+TRAIN_SEEDS ?= 40
+HELDOUT_SEEDS ?= 5
 
-.PHONY: setup test test-slow lint train eval demo bench
+.PHONY: setup test test-slow lint data train eval demo base bench bench-load bench-train \
+        bench-mask bench-resident
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,14 +39,37 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check sekft tests bench
 
+# Expert trajectories of the built-in scenario suite (sandboxed: needs bubblewrap).
+data: $(STAMP)
+	$(PY) -m sekft.scenarios.record --split train --seeds $(TRAIN_SEEDS) --out $(DATA_DIR)/train.jsonl
+	$(PY) -m sekft.scenarios.record --split heldout --seeds $(HELDOUT_SEEDS) --out $(DATA_DIR)/heldout.jsonl
+	rm -rf $(DATA_DIR)/heldout-scenarios
+	$(PY) -m sekft.scenarios --split heldout --seeds $(HELDOUT_SEEDS) --out $(DATA_DIR)/heldout-scenarios
+
 train: $(STAMP)
-	$(VENV)/bin/sekft-train --base "$(BASE)" --data "$(DATA)" --out "$(OUT)"
+	$(VENV)/bin/sekft-train --base "$(BASE)" --data "$(DATA)" --out "$(OUT)" $(TRAIN_ARGS)
 
 eval: $(STAMP)
-	$(VENV)/bin/sekft-eval --base "$(BASE)" $(if $(ADAPTER),--adapter "$(ADAPTER)") --scenarios "$(SCENARIOS)" --out "$(EVAL_OUT)"
+	$(VENV)/bin/sekft-eval --base "$(BASE)" $(if $(ADAPTER),--adapter "$(ADAPTER)") \
+	    --scenarios "$(SCENARIOS)" --out "$(EVAL_OUT)" $(EVAL_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m sekft.demo
 
-bench: $(STAMP)
+# Regenerate the shipped default base from its seed (about half an hour on 2 CPU cores).
+base: $(STAMP)
+	$(PY) -m sekft.default_base
+
+bench: bench-load bench-mask bench-train bench-resident
+
+bench-load: $(STAMP)
 	$(PY) bench/load.py
+
+bench-mask: $(STAMP)
+	$(PY) bench/mask.py
+
+bench-train: $(STAMP)
+	$(PY) bench/train.py
+
+bench-resident: $(STAMP)
+	$(PY) bench/resident.py

@@ -11,11 +11,9 @@ lines, exit), then times, in one run and on the same sessions:
 - transformers masking: `apply_chat_template(tokenize=True, return_dict=True,
   return_assistant_tokens_mask=True)` with a ChatML template carrying `{% generation %}` tags
   (its only masking path: one render, one tokenization, no checks).
-Also times the parts of sekft's cost (its renders; tokenizing R piecewise, each distinct
-piece between added tokens once, as `encode_sessions` does) next to tokenizing R whole (what
-transformers pays), and two floors: one render of R plus its whole tokenization (no mask at
-all), and one render plus piecewise tokenization. Prints how much of R's text is distinct
-pieces (what the piece cache cannot save). Reports sessions/s, tokens/s and ratios against
+Also times the parts of sekft's cost (its renders; tokenizing R, which transformers pays
+too) and a floor no masking method can beat: one render of R plus its tokenization with
+offsets. Reports sessions/s, tokens/s and ratios against
 transformers' masking path, in CPU time (steady when the machine is shared) and wall time;
 best of `--repeat` round-robin rounds.
 """
@@ -33,7 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sekft.mask import encode_sessions, gc_paused, session_renders  # noqa: E402
-from sekft.pieces import encode_texts, piece_splitter, text_layout  # noqa: E402
 from sekft.template import ChatTemplate, normalize_for_template  # noqa: E402
 from sekft.tokenizer import load_tokenizer  # noqa: E402
 
@@ -101,18 +98,6 @@ def best_times(
     return best
 
 
-def distinct_pieces(tokenizer, texts: list[str]) -> str:
-    """How much of the texts' characters are in distinct pieces between added tokens."""
-    splitter = piece_splitter(tokenizer)
-    if splitter is None:
-        return "pieces: this tokenizer is tokenized whole (no piece cache)"
-    pieces = [key[1] for text in texts for _, key in text_layout(text, *splitter)
-              if isinstance(key[0], bool)]
-    total, distinct = sum(map(len, pieces)), sum(map(len, set(pieces)))
-    return (f"pieces: {len(pieces)} pieces, {len(set(pieces))} distinct; {distinct} of {total} "
-            f"characters ({distinct / max(total, 1):.0%}) are in distinct pieces")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=2000)
@@ -142,16 +127,12 @@ def main(argv: list[str] | None = None) -> int:
          lambda: [session_renders(m, template) for m in sessions]),
         # The parts and floors run with the cyclic GC paused, as inside encode_sessions:
         # its collections would otherwise tax whichever builds more objects.
-        ("  of which: tokenizing R piecewise, with offsets",
-         gc_paused()(lambda: encode_texts(tokenizer, texts))),
-        ("tokenizing R whole, with offsets (transformers pays it)",
+        ("  of which: tokenizing R with offsets (transformers pays it too)",
          gc_paused()(lambda: [(e.ids, e.offsets) for e in tokenizer.encode_batch(
              texts, add_special_tokens=False)])),
-        ("floor: render R once + tokenize it whole (no mask)",
+        ("floor: render R once + tokenize it (no mask)",
          gc_paused()(lambda: [(e.ids, e.offsets) for e in tokenizer.encode_batch(
              [template.render(m) for m in sessions], add_special_tokens=False)])),
-        ("floor: render R once + tokenize it piecewise (no mask)",
-         gc_paused()(lambda: encode_texts(tokenizer, [template.render(m) for m in sessions]))),
         ("sekft encode_sessions (generation-tagged ChatML)",
          lambda: encode_sessions(sessions, generation, tokenizer)),
     ]
@@ -173,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
     print(f"{args.sessions} sessions, {tokens} tokens ({tokens / args.sessions:.0f}/session), "
           f"template {args.template}, best of {args.repeat} round-robin rounds")
-    print(distinct_pieces(tokenizer, texts))
     # CPU time (all threads of this process) barely moves with other load on the machine;
     # wall time is what a user waits.
     for label, clock in (("CPU time", time.process_time), ("wall time", time.perf_counter)):

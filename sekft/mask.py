@@ -32,13 +32,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import compress
+from operator import itemgetter
 from pathlib import Path
 from typing import TextIO
 
 from tokenizers import Tokenizer
 
 from sekft.errors import ConfigError, MaskError, TemplateError, run_cli
-from sekft.pieces import encode_texts
 from sekft.template import ChatTemplate, normalize_for_template
 from sekft.tokenizer import load_special_tokens, load_tokenizer
 
@@ -345,25 +345,22 @@ def prompt_tail(
 def prompt_token_ids(
     tokenizer: Tokenizer, prompts: Sequence[str], texts: Sequence[str],
     encodings: Sequence[tuple[list[int], list[tuple[int, int]], list[int]]],
-    pieces: dict | None = None,
 ) -> list[tuple[int, list[int]]]:
     """Each prompt tokenized alone, as a server would, with its render's tokens reused.
 
     prompts[n] is a prompt of the session whose render is texts[n] and whose (input_ids,
     offsets, ends) are encodings[n]. Returns (known, ids) per prompt: its tokens are
-    input_ids[:known] + ids. Only the tail after the last splitting token is tokenized (with
-    `encode_texts`, sharing its piece cache `pieces`); a tail that does not start as expected
-    is tokenized whole (known=0).
+    input_ids[:known] + ids. Only the tail after the last splitting token is tokenized (one
+    batched call); a tail that does not start as expected is tokenized whole (known=0).
     """
     splitters = splitting_token_ids(tokenizer)
     cuts = [prompt_tail(p, t, e[0], e[1], e[2], splitters)
             for p, t, e in zip(prompts, texts, encodings, strict=True)]
-    tails = encode_texts(tokenizer, [tail for _, tail in cuts], pieces)
+    tails = tokenizer.encode_batch([tail for _, tail in cuts], add_special_tokens=False)
     result = []
-    for (k, _), (tail, _, _), prompt, (ids, _, _) in zip(cuts, tails, prompts, encodings,
-                                                        strict=True):
-        if k == 0 or tail[:1] == [ids[k]]:
-            result.append((k, tail))
+    for (k, _), tail, prompt, (ids, _, _) in zip(cuts, tails, prompts, encodings, strict=True):
+        if k == 0 or tail.ids[:1] == [ids[k]]:
+            result.append((k, tail.ids))
         else:
             result.append((0, tokenizer.encode(prompt, add_special_tokens=False).ids))
     return result
@@ -406,16 +403,16 @@ def encode_sessions(
         except TemplateError as e:
             raise TemplateError(f"{name}: {e}") from e
         prepared.append(messages)
-    # Each distinct piece between added tokens is tokenized once, for R and prompts alike.
-    pieces: dict = {}
-    encodings = encode_texts(tokenizer, [r.text for r in all_renders], pieces)
+    encodings = []
+    for e in tokenizer.encode_batch([r.text for r in all_renders], add_special_tokens=False):
+        offsets = e.offsets
+        encodings.append((e.ids, offsets, list(map(itemgetter(1), offsets))))
     owners = [n for n, r in enumerate(all_renders) for _ in r.prompts]
     prompt_ids = iter(prompt_token_ids(
         tokenizer,
         [p for r in all_renders for p in r.prompts.values()],
         [all_renders[n].text for n in owners],
         [encodings[n] for n in owners],
-        pieces,
     ))
     results = []
     for name, messages, renders, (ids, offsets, ends) in zip(

@@ -39,11 +39,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from sekft import sft
+from sekft.base import load_base
 from sekft.errors import ConfigError, TrainError, run_cli
+from sekft.eval import EpisodeConfig
+from sekft.mask import encode_sessions
 from sekft.model import Decoder, ModelConfig
-from sekft.scenarios import TRAIN_FAMILIES
+from sekft.pack import Example
+from sekft.scenarios import TRAIN_FAMILIES, record
 from sekft.scenarios.words import WORDS
+from sekft.template import ChatTemplate
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_BASE = ASSETS / "default-base"
@@ -169,8 +176,6 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     Every closed-list word is shown to the trainer often in both `word_forms`, so its merges
     win and each form ends as one token; `split_words` checks it.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -285,9 +290,6 @@ def sha256_file(path: Path) -> str:
 def record_base_data(work: Path, seeds: int, heldout_seeds: int, jobs: int) -> tuple[Path, Path]:
     """Expert trajectories of BASE_FAMILIES: `seeds` train and `heldout_seeds` held-out
     instances per family, recorded once into `work` (kept if already there)."""
-    from sekft.eval import EpisodeConfig
-    from sekft.scenarios import record
-
     paths = []
     for split, n in (("train", seeds), ("heldout", heldout_seeds)):
         path = work / f"{split}-{n}.jsonl"
@@ -305,12 +307,6 @@ def pretrain(work: Path, init: Path, data: Path, heldout: Path, args) -> Path:
     """Full-parameter training of `init` on `data` with `sft.train`, printing the held-out
     copy accuracy every `args.copy_every` steps into the run's copy.jsonl; the run folder
     (weights of the last step, metrics.jsonl, loss.svg) is returned."""
-    from sekft import sft
-    from sekft.base import load_base
-    from sekft.mask import encode_sessions
-    from sekft.pack import Example
-    from sekft.template import ChatTemplate
-
     base = load_base(init, dtype=torch.float32, device="cpu")
     template = ChatTemplate(base.chat_template, base.special_tokens)
     held = [r["messages"] for r in read_jsonl(heldout)]
@@ -330,8 +326,8 @@ def pretrain(work: Path, init: Path, data: Path, heldout: Path, args) -> Path:
     stop = threading.Event()
     reached: list[int] = []
 
-    def report(line: str, **record) -> None:
-        step = record.get("step")
+    def report(line: str, **fields) -> None:
+        step = fields.get("step")
         if step is None or step % 100 == 0:
             print(line, file=sys.stderr, flush=True)
         if step is None or step % args.copy_every:
@@ -419,9 +415,6 @@ def _main(argv: list[str] | None) -> int:
     random.Random(args.seed).shuffle(mixed)
     data = work / "pretrain.jsonl"
     write_jsonl(mixed, data)
-
-    from sekft.template import ChatTemplate
-
     template = ChatTemplate(CHAT_TEMPLATE, {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN})
     tokenizer = train_tokenizer([template.render(r["messages"]) for r in mixed])
     broken = split_words(tokenizer)

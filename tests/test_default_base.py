@@ -146,6 +146,11 @@ def test_trained_tokenizer_keeps_closed_words_whole_even_when_the_text_lacks_the
     assert tokenizer.token_to_id(db.EOS_TOKEN) == db.SPECIAL_TOKENS.index(db.EOS_TOKEN)
 
 
+def test_tokenizer_training_is_deterministic():
+    texts = [m["content"] for r in db.copy_sessions(0, 50) for m in r["messages"]]
+    assert db.train_tokenizer(texts).to_str() == db.train_tokenizer(texts).to_str()
+
+
 @pytest.fixture(scope="module")
 def initial(tmp_path_factory):
     tokenizer = db.train_tokenizer(["user@sandbox:~$ ls -la"])

@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -453,10 +454,27 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
 
 
+def describe_scenarios(scenarios: list[Scenario]) -> str:
+    """What an eval runs: scenarios by split and family, then, when families of sekft's
+    built-in suite are among them, the suite's split (what training never saw)."""
+    from sekft.scenarios import FAMILIES, describe_split
+
+    counts = Counter((s.split, s.family) for s in scenarios)
+    lines = [f"{len(scenarios)} scenarios:"]
+    for split in sorted({split for split, _ in counts}):
+        families = ", ".join(f"{family} ({n})" for (sp, family), n in sorted(counts.items())
+                             if sp == split)
+        lines.append(f"  {split}: {families}")
+    if any(s.family in FAMILIES for s in scenarios):
+        lines.append(describe_split())
+    return "\n".join(lines)
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     _check_args(args)
     scenarios = load_scenarios(args.scenarios, None if args.split == "all" else args.split)
+    print(describe_scenarios(scenarios))
     if args.no_sandbox:
         warn_no_sandbox()
     else:

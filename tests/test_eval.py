@@ -10,6 +10,7 @@ from sekft.eval import (
     ContextExhausted,
     EpisodeConfig,
     Reply,
+    describe_scenarios,
     is_command,
     main,
     replay,
@@ -48,6 +49,25 @@ def scenario(name, tmp_path=None, **changes):
 ])
 def test_wilson_interval_matches_hand_computed_values(k, n, low, high):
     assert wilson(k, n) == pytest.approx((low, high), abs=5e-5)
+
+
+def test_eval_names_splits_and_families_of_what_it_runs():
+    scenarios = load_scenarios(FIXTURES)
+    lines = describe_scenarios(scenarios).splitlines()
+    assert lines[0] == f"{len(scenarios)} scenarios:"
+    for s in scenarios:
+        assert any(line.startswith(f"  {s.split}: ") and f"{s.family} (" in line
+                   for line in lines[1:])
+    assert len(lines) == 1 + len({s.split for s in scenarios})  # no suite split: not ours
+
+
+def test_eval_prints_the_builtin_suites_split_for_its_scenarios(tmp_path):
+    from sekft.scenarios import describe_split, generate
+
+    generate("ticket", 0, tmp_path / "t")
+    text = describe_scenarios(load_scenarios(tmp_path))
+    assert "heldout: ticket (1)" in text
+    assert text.endswith(describe_split())
 
 
 def test_wilson_interval_of_nothing_is_everything():

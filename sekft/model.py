@@ -21,6 +21,10 @@ from sekft.errors import ConfigError
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
+# SDPA's own grouped-query attention (torch 2.5+) reads each key/value head for its group
+# of query heads; without it k/v are repeated, and their backward is a sum over the copies.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -296,13 +300,18 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class _Step:
-    """What every block of one forward shares: rope tables, masks, the cache."""
+    """What every block of one forward shares: rope tables, masks, the cache.
+
+    `segments`, when set, are the [start, end) spans of a one-row packed batch's documents:
+    attention then runs causally on each span alone instead of under a document mask.
+    """
 
     cos: torch.Tensor
     sin: torch.Tensor
     masks: dict[int | None, torch.Tensor | None]
     is_causal: bool
     cache: KVCache | None
+    segments: list[tuple[int, int]] | None = None
 
 
 class Attention(nn.Module):
@@ -334,13 +343,27 @@ class Attention(nn.Module):
         if step.cache is not None:
             k, v = step.cache.update(self.layer, k, v)
         group = self.num_heads // self.num_kv_heads
-        if group > 1:
+        gqa = {}
+        if group > 1 and _SDPA_GQA:
+            gqa["enable_gqa"] = True
+        elif group > 1:
             # Grouped-query attention: each key/value head serves `group` query heads.
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=step.masks[self.window], is_causal=step.is_causal
-        )
+        if step.segments is not None:
+            # Each document alone, causally: the CPU kernel computes every block of a masked
+            # [T, T] score matrix, most of which the document mask throws away.
+            parts = [
+                F.scaled_dot_product_attention(
+                    q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, **gqa
+                )
+                for a, b in step.segments
+            ]
+            out = torch.cat(parts, dim=2)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=step.masks[self.window], is_causal=step.is_causal, **gqa
+            )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -468,9 +491,30 @@ class Decoder(nn.Module):
         if plain and (past == 0 or T == 1):
             # Fast paths: SDPA's own causal kernel, or one new token that sees everything.
             return _Step(cos, sin, dict.fromkeys(self.config.sliding_windows), past == 0, cache)
+        segments = _document_segments(q_doc) if cache is None else None
+        if segments is not None:
+            longest = max(b - a for a, b in segments)
+            if all(w is None or w >= longest for w in self.config.sliding_windows):
+                # No window bites inside any document: each is its own causal sequence.
+                return _Step(cos, sin, {}, False, cache, segments)
         q_index = torch.arange(past, S, device=device)
         k_index = torch.arange(S, device=device)
         for w in set(self.config.sliding_windows):
             window = w if w is not None and w < S else None
             masks[w] = attention_mask(q_index, k_index, q_doc, k_doc, window)
         return _Step(cos, sin, masks, False, cache)
+
+
+def _document_segments(doc_ids: torch.Tensor | None) -> list[tuple[int, int]] | None:
+    """[start, end) spans of the documents of a one-row doc_ids [1, T], or None.
+
+    None unless there is exactly one row and every document is one contiguous run (an id
+    that comes back later in the row attends across the gap, which spans cannot express).
+    """
+    if doc_ids is None or doc_ids.shape[0] != 1:
+        return None
+    ids = doc_ids[0].tolist()
+    starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+    if len({ids[i] for i in starts}) != len(starts):
+        return None
+    return list(zip(starts, starts[1:] + [len(ids)], strict=True))

@@ -121,8 +121,9 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged or not self.enabled:
             return result
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return result + (update * self.scaling).to(result.dtype)
+        # Scaled at rank r, where the tensor is out_features / r times smaller than the output.
+        down = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))) * self.scaling
+        return result + self.lora_B(down).to(result.dtype)
 
     def delta(self) -> torch.Tensor:
         """This layer's weight update [out, in] in float32 (see `lora_delta`)."""

@@ -32,23 +32,12 @@ import sys
 import time
 from pathlib import Path
 
+from load import SHAPES  # bench/load.py, beside this script
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M-Instruct config.json).
-SMOLLM2_135M = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    max_position_embeddings=8192,
-    rope_theta=100000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# SmolLM2-135M's shape, the one bench/load.py writes (HuggingFaceTB/SmolLM2-135M-Instruct).
+SMOLLM2_135M = dict(SHAPES["135m"], bos_token_id=1, eos_token_id=2)
 
 
 # SmolLM2's real tokenizer and template, copied into the repo's test fixtures.

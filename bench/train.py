@@ -15,7 +15,10 @@ Speed is reported three ways: mean tokens/s, the best step's tokens/s (the ratio
 tokens per CPU-second; `--rounds N` alternates the sides N times and keeps each side's best
 round. On a machine shared with other work the neighbours' load moves wall time by 2x within
 minutes, so read the ratios of one run, never absolute figures across runs.
-A profile of one sekft step (top operators by self CPU time) says where the time goes.
+A profile of one sekft step (top operators by self CPU time) says where the time goes, and
+a ceiling says how far any exact implementation could go: the matmuls the step cannot skip
+(`necessary_matmul_flops`) at the best rate this CPU's GEMM reaches, alone and plus the
+measured attention kernel time, against transformers + peft's best step.
 
 --base defaults to a random SmolLM2-135M-shaped checkpoint (as `bench/load.py
 --make-checkpoint` writes), built once with transformers into --cache.
@@ -92,6 +95,43 @@ def make_rows(batch: int, length: int, vocab: int, trained: float, seed: int = 0
     return rows
 
 
+def necessary_matmul_flops(config, tokens: int, trained: int) -> int:
+    """A lower bound on the matmul FLOPs of one exact LoRA training step over `tokens` tokens
+    of which `trained` train: the frozen projections and the lm_head only, the LoRA matmuls
+    and attention scores not counted.
+
+    Forward: every projection at every position, except that the last block's q, o and MLP
+    matter only at trained positions, as does the lm_head. Backward: the same products again
+    for the input gradient (frozen weights need no weight gradient), except block 0's q/k/v/
+    gate/up, whose inputs lead only to frozen weights.
+    """
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    qo, kv_size, mlp = 2 * h * q, 2 * h * kv, 3 * h * i  # multiply-adds per position
+    layer = qo + kv_size + mlp
+    last = tokens * kv_size + trained * (qo + mlp)
+    forward = (config.num_layers - 1) * tokens * layer + last + trained * h * config.vocab_size
+    first_inputs = tokens * (h * q + kv_size + 2 * h * i)  # block 0: q, k, v, gate, up
+    backward = forward - first_inputs
+    return 2 * (forward + backward)
+
+
+def gemm_flops_per_s(config, threads: int, seconds: float = 1.0) -> float:
+    """This CPU's float32 GEMM rate on the step's largest product ([512, hidden] @ [hidden,
+    intermediate]), best of repeated timings."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(512, config.hidden_size)
+    b = torch.randn(config.hidden_size, config.intermediate_size)
+    best, started = float("inf"), time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -140,7 +180,11 @@ def worker_sekft(args) -> dict:
         if timings is not None:
             timings["optimizer"] += time.perf_counter() - t4
 
-    return measure(step, args, sum(r.input_ids.numel() for r in rows), profile=True)
+    tokens = sum(r.input_ids.numel() for r in rows)
+    result = measure(step, args, tokens, profile=True)
+    result["necessary_matmul_flops"] = necessary_matmul_flops(base.config, tokens, n_trained)
+    result["gemm_flops_per_s"] = gemm_flops_per_s(base.config, args.threads)
+    return result
 
 
 def worker_hf(args) -> dict:
@@ -199,12 +243,18 @@ def measure(step, args, tokens_per_step: int, profile: bool) -> dict:
         "tokens_per_cpu_s": tokens_per_step * args.steps / cpu,
         "peak_rss": peak_rss(),
         "step_s": elapsed / args.steps,
+        "best_step_s": min(step_times),
     }
     if profile:
         result["phases_s"] = {k: v / args.steps for k, v in timings.items()}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             step()
-        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        averages = prof.key_averages()
+        result["profile"] = averages.table(sort_by="self_cpu_time_total", row_limit=12)
+        # Attention is necessary work too; its kernel's own time (microseconds in the profile).
+        result["attention_s"] = sum(
+            e.self_cpu_time_total for e in averages if "scaled_dot_product" in e.key
+        ) / 1e6
     return result
 
 
@@ -285,7 +335,23 @@ def main() -> int:
                   f"{r['tokens_per_cpu_s']:10.1f} {r['peak_rss'] / 2**30:8.2f}GB {speed:>7} "
                   f"{cpu:>6} {mem:>6}")
     for name, sides in results.items():
-        ours = sides["sekft"]
+        ours, hf = sides["sekft"], sides["transformers+peft"]
+        if "necessary_matmul_flops" in ours and "error" not in hf:
+            # The ceiling: an implementation whose step were nothing but the matmuls exactness
+            # requires, each at this CPU's best GEMM rate.
+            floor_s = ours["necessary_matmul_flops"] / ours["gemm_flops_per_s"]
+            flops, rate = ours["necessary_matmul_flops"] / 1e9, ours["gemm_flops_per_s"] / 1e9
+            hf_s, attention_s = hf["best_step_s"], ours["attention_s"]
+            rest = ours["best_step_s"] - floor_s - attention_s
+            print(f"\n{name}: transformers+peft's best step took {hf_s:.2f} s; 2x needs a step "
+                  f"of {hf_s / 2:.2f} s. The matmuls no exact step can skip ({flops:.0f} GFLOP) "
+                  f"take {floor_s:.2f} s at this CPU's best GEMM rate ({rate:.0f} GFLOP/s): "
+                  f"ceiling {hf_s / floor_s:.2f}x. With PyTorch's attention kernel as measured "
+                  f"({attention_s:.2f} s): {hf_s / (floor_s + attention_s):.2f}x, leaving "
+                  f"{hf_s / 2 - floor_s - attention_s:.2f} s for everything else (LoRA products, "
+                  f"norms, RoPE, SwiGLU, loss, optimizer, 4-bit dequantization), which takes "
+                  f"sekft {rest:.2f} s of its {ours['best_step_s']:.2f} s step (its GEMMs' "
+                  "shortfall from the best rate included).")
         if "phases_s" in ours:
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in ours["phases_s"].items())
             print(f"\nsekft {name} step phases: {phases}\n{ours['profile']}")

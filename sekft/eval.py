@@ -410,7 +410,10 @@ def write_outputs(out: Path, episodes: list[Episode], config: dict) -> dict[str,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sekft-eval", description=__doc__.split("\n")[0])
+    # No abbreviations, as in sekft-train: resident jobs must not name the base by a prefix.
+    p = argparse.ArgumentParser(
+        prog="sekft-eval", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     p.add_argument("--base", help="base model: local folder or offline HF cache name")
     p.add_argument("--adapter", help="LoRA adapter folder (sekft or PEFT format)")
     p.add_argument("--load-4bit", action="store_true", help="load the base as NF4")

@@ -582,9 +582,12 @@ def _announce(progress: ProgressLine, cfg, data: TrainData, total: int, start: i
 
 def build_parser() -> argparse.ArgumentParser:
     """One option per `TrainConfig` field: `--name-with-dashes`, typed like its default."""
+    # No abbreviations: `sekft-resident` refuses the options that name the base, and a prefix
+    # such as `--load-4` must not slip past it as another spelling of `--load-4bit`.
     parser = argparse.ArgumentParser(
         prog="sekft-train",
         description="Assistant-only (Q)LoRA fine-tuning on chat trajectories.",
+        allow_abbrev=False,
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

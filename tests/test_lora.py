@@ -163,6 +163,28 @@ def test_forward_adds_scaled_b_a_x_to_the_base_output() -> None:
     torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_forward_and_gradients_are_the_same_on_batched_input_and_under_autocast(autocast):
+    # The float path accumulates the update into the base output in place; under autocast
+    # (bf16 outputs, float32 LoRA weights) it adds instead. Both must give what the plain
+    # formula gives, gradients included, for [B, T, in] input.
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), r=3, alpha=6.0)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        expected = layer.base_layer(x) + (x @ a.T * 2.0) @ b.T
+    assert y.shape == (2, 4, 5) and y.dtype == expected.dtype
+    tol = {"atol": 2e-2, "rtol": 2e-2} if autocast else {}
+    torch.testing.assert_close(y, expected, **tol)
+    grads = torch.autograd.grad(y.float().square().sum(), (x, a, b))
+    reference = torch.autograd.grad(expected.float().square().sum(), (x, a, b))
+    for got, want in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
 def test_rslora_scales_the_update_by_alpha_over_sqrt_r() -> None:
     torch.manual_seed(0)
     base = nn.Linear(6, 5)

@@ -22,6 +22,7 @@ from sekft.model import (
     rms_norm,
     rope_cos_sin,
     rope_frequencies,
+    swiglu,
 )
 
 TOL = 1e-4
@@ -35,6 +36,30 @@ def test_rms_norm_matches_llama_rmsnorm():
     with torch.no_grad():
         oracle.weight.copy_(torch.randn(16))
         torch.testing.assert_close(rms_norm(x, oracle.weight, 1e-6), oracle(x))
+
+
+def test_swiglu_values_and_gradients_match_autograd_of_the_formula():
+    torch.manual_seed(0)
+    gate = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 7, dtype=torch.float64)
+    expected = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(swiglu(gate, up), expected)
+    got = torch.autograd.grad(swiglu(gate, up), (gate, up), grad)
+    want = torch.autograd.grad(expected, (gate, up), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert torch.autograd.gradcheck(swiglu, (gate, up))
+
+
+def test_swiglu_keeps_only_gate_and_up_for_backward():
+    gate = torch.randn(4, 8, requires_grad=True)
+    up = torch.randn(4, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        swiglu(gate, up)
+    assert len(saved) == 2
+    assert {t.data_ptr() for t in saved} == {gate.data_ptr(), up.data_ptr()}
 
 
 def test_rms_norm_of_a_constant_row_is_the_weight():

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from sekft import resident
-from sekft.errors import DataError, ResidentError
+from sekft import eval as sekft_eval
+from sekft import resident, sft
+from sekft.errors import ConfigError, DataError, ResidentError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,6 +149,18 @@ def test_parse_request_refuses_a_job_that_sets_the_base():
     line = b'{"op": "train", "args": ["--base=other", "--data", "d"], "cwd": "/"}\n'
     with pytest.raises(ResidentError, match="--base is set by the server"):
         resident.parse_request(line)
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("abbreviation", ["--bas=other", "--load-4", "--dev=cpu"])
+def test_job_options_refuse_an_abbreviated_server_option(command, abbreviation):
+    if command == "train":
+        parse, job = sft.config_from_args, ["--data", "d", "--out", "o"]
+    else:
+        parse, job = sekft_eval.parse_args, ["--scenarios", "s", "--out", "o"]
+    server = ["--base", "served", "--device", "cpu", "--dtype", "float32"]
+    with pytest.raises(ConfigError, match=f"unrecognized arguments: {abbreviation}"):
+        resident.parse_job_options(parse, [abbreviation, *job, *server], f"sekft-{command}")
 
 
 def test_resolve_paths_makes_path_options_absolute_against_cwd():
@@ -340,7 +353,8 @@ def test_shutdown_stops_the_running_job_cancels_the_queue_and_removes_the_socket
 def test_shutdown_answers_before_the_server_process_exits(socket_path):
     script = f"""
 from pathlib import Path
-from sekft import resident
+from sekft import eval as sekft_eval
+from sekft import resident, sft
 server = resident.start("tiny", lambda: "base", {{}}, Path({str(socket_path)!r}))
 server.serve_forever()
 """

@@ -2,17 +2,20 @@
 
     .venv/bin/python bench/load.py [--checkpoint DIR] [--make-checkpoint 135m|1b] [--warm]
                                    [--bf16-only] [--no-transformers] [--threads N]
+                                   [--device cuda]
 
 For each configuration (sekft bf16, sekft 4-bit, transformers bf16, transformers 4-bit when
 it runs here), a fresh process imports, loads, reads every weight (one byte per 4 KiB page of
 every parameter, so a lazily mapped model pays for its reads too) and runs one forward on 16
 tokens. Reported: time from process start to the first logits, the load alone, checkpoint
-GB/s over load + read, and peak RSS; ratios are against transformers bf16 in the same run.
+GB/s over load + read, and peak RSS (and peak GPU memory with `--device cuda`, where both
+sides load onto the GPU: checkpoint to GPU over the PCIe/OcuLink link); ratios are against
+transformers bf16 in the same run.
 Before each process the checkpoint's pages are dropped from the page cache
 (posix_fadvise DONTNEED) unless --warm; the table says whether that was possible. On CUDA,
 pinned host-to-device bandwidth is measured and set beside the PCIe link limits. The
-4-bit rows quantize on the CPU here (bitsandbytes' CPU kernels: slow, ~0.3 s per 1M-weight
-matrix); on CUDA, quantization runs on the GPU.
+4-bit rows quantize on the device they load to: on the CPU (bitsandbytes' CPU kernels: slow,
+~0.3 s per 1M-weight matrix) unless `--device cuda`.
 
 `--make-checkpoint SIZE` writes a random bf16 checkpoint into bench/checkpoints/ (gitignored):
 `135m` is SmolLM2-135M-shaped, `1b` Llama-3.2-1B-shaped (2.5 GB, two shards), each with
@@ -192,7 +195,9 @@ def touch_every_page(model) -> int:
     return total
 
 
-def worker(side: str, four_bit: bool, folder: Path, started: float, threads: int | None) -> dict:
+def worker(
+    side: str, four_bit: bool, folder: Path, started: float, threads: int | None, device: str
+) -> dict:
     import torch
 
     if threads:
@@ -202,7 +207,7 @@ def worker(side: str, four_bit: bool, folder: Path, started: float, threads: int
         from sekft.base import load_base
 
         imported = time.time()
-        model = load_base(folder, dtype=torch.bfloat16, device="cpu", load_4bit=four_bit).model
+        model = load_base(folder, dtype=torch.bfloat16, device=device, load_4bit=four_bit).model
     else:
         import transformers
 
@@ -216,12 +221,12 @@ def worker(side: str, four_bit: bool, folder: Path, started: float, threads: int
                 bnb_4bit_compute_dtype=torch.bfloat16,
             )
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.bfloat16, **kwargs
+            folder, dtype=torch.bfloat16, device_map={"": device}, **kwargs
         ).eval()
     loaded = time.time()
     touch_every_page(model)
     read = time.time()
-    ids = torch.arange(16)[None] + 10
+    ids = torch.arange(16, device=device)[None] + 10
     with torch.no_grad():
         logits = model(ids)
         logits = logits if isinstance(logits, torch.Tensor) else logits.logits
@@ -234,13 +239,19 @@ def worker(side: str, four_bit: bool, folder: Path, started: float, threads: int
         "forward_s": done - read,
         "first_logits_s": done - started,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_bytes": (
+            torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
+        ),
     }
 
 
-def run_worker(side: str, four_bit: bool, folder: Path, warm: bool, threads: int | None) -> dict:
+def run_worker(
+    side: str, four_bit: bool, folder: Path, warm: bool, threads: int | None, device: str
+) -> dict:
     cold = False if warm else drop_page_cache(folder)
     started = time.time()
-    cmd = [sys.executable, __file__, "--worker", side, "--checkpoint", str(folder)]
+    cmd = [sys.executable, __file__, "--worker", side, "--checkpoint", str(folder),
+           "--device", device]
     if four_bit:
         cmd.append("--load-4bit")
     if threads:
@@ -291,6 +302,7 @@ def table(rows: list[dict], checkpoint_bytes: int) -> str:
             f"{r['name']:<20}{r['first_logits_s']:>12.2f} s{r['load_s']:>7.2f} s{gbps:>8.2f}"
             f"{r['peak_rss_bytes'] / 1e9:>9.2f} GB{ratio:>12}  "
             f"{'cold' if r['cold_cache'] else 'warm'}"
+            + (f"  GPU peak {r['peak_gpu_bytes'] / 1e9:.2f} GB" if r.get("peak_gpu_bytes") else "")
         )
     return "\n".join(lines)
 
@@ -302,6 +314,7 @@ def main() -> int:
     parser.add_argument("--warm", action="store_true", help="keep the page cache warm")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     parser.add_argument("--no-transformers", action="store_true", help="sekft rows only")
+    parser.add_argument("--device", default="cpu", help="where both sides load (cpu, cuda, ...)")
     parser.add_argument(
         "--bf16-only", action="store_true", help="skip the 4-bit rows (slow on CPU)"
     )
@@ -311,7 +324,8 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.worker:
-        result = worker(args.worker, args.load_4bit, args.checkpoint, args.started, args.threads)
+        result = worker(args.worker, args.load_4bit, args.checkpoint, args.started, args.threads,
+                        args.device)
         print(json.dumps(result))
         return 0
 
@@ -333,7 +347,7 @@ def main() -> int:
         except ImportError:
             print("transformers is not installed: sekft rows only")
     rows = [
-        run_worker(side, four_bit, folder, args.warm, args.threads)
+        run_worker(side, four_bit, folder, args.warm, args.threads, args.device)
         for side in sides
         for four_bit in ((False,) if args.bf16_only else (False, True))
     ]
@@ -343,12 +357,14 @@ def main() -> int:
         "checkpoint_bytes": checkpoint_bytes,
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
+        "device": args.device,
         "load_average": os.getloadavg(),
         "rows": rows,
         "cuda": bandwidth,
     }
     print(
-        f"checkpoint {folder} ({checkpoint_bytes / 1e9:.2f} GB), CPU, fresh process per row, "
+        f"checkpoint {folder} ({checkpoint_bytes / 1e9:.2f} GB), {args.device}, fresh process "
+        "per row, "
         f"threads {args.threads or 'default'}, load average {os.getloadavg()[0]:.1f}"
     )
     print(table(rows, checkpoint_bytes))

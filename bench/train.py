@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/train.py [--base DIR] [--len 512] [--batch 2] [--steps 3] [--rounds 2]
 
-Both sides train the same LoRA (rank 16, alpha 32, q/k/v/o/gate/up/down, no dropout) with
-AdamW on the same token rows: `--batch` rows of `--len` tokens, each row several packed
-shell sessions in which only the commands train (`--trained`, default 20% of tokens, in
-short runs between long outputs, as in real trajectories). sekft runs its own loop's step
+Both sides run on the CPU (a CUDA comparison is not written yet) and train the same LoRA
+(rank 16, alpha 32, q/k/v/o/gate/up/down, no dropout) with AdamW on the same token rows:
+`--batch` rows of `--len` tokens, each row several packed shell sessions in which only the
+commands train (`--trained`, default 20% of tokens, in short runs between long outputs, as
+in real trajectories). sekft runs its own loop's step
 (`model.hidden` with document ids, the trained-positions loss, backward, AdamW);
 transformers + peft runs the usual `model(input_ids, labels=...)` step on the same rows.
 
@@ -199,8 +200,10 @@ def worker_hf(args) -> dict:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )  # fmt: skip
+    # On the CPU like sekft's side, even where CUDA is present (transformers would put a
+    # 4-bit model on the GPU by default).
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        args.base, dtype=torch.float32, **kwargs
+        args.base, dtype=torch.float32, device_map={"": "cpu"}, **kwargs
     )
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()

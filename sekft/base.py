@@ -58,8 +58,12 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on CUDA, float32 elsewhere (CPU bf16 matmuls are far slower than float32)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """bf16 on a CUDA GPU with native bf16 (Ampere, sm80, or newer), float32 elsewhere: CPU
+    bf16 matmuls are far slower than float32, and T4/V100 emulate bf16."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
 
 
 def load_base(

@@ -28,7 +28,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,7 +112,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         # nn.Linear already drew A Kaiming-uniform (a=sqrt(5)), as PEFT does.
         nn.init.zeros_(self.lora_B.weight)
-        self.enabled = True
         self.merged = False
 
     @property
@@ -118,13 +119,17 @@ class LoRALinear(nn.Module):
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
+        if self.merged or id(self) in _disabled_here():
             return self.base_layer(x)
         # Flattened to [N, in] so the update can be one GEMM into the base output below.
         flat = x.reshape(-1, self.in_features)
         result = self.base_layer(flat)
+        if not torch.is_autocast_enabled(flat.device.type):
+            # Under autocast the cast would be undone at once (lora_A runs in the autocast
+            # dtype), at the price of two passes over the activations.
+            flat = flat.to(self.lora_A.weight.dtype)
         # Scaled at rank r, where the tensor is out_features / r times smaller than the output.
-        down = self.lora_A(self.lora_dropout(flat.to(self.lora_A.weight.dtype))) * self.scaling
+        down = self.lora_A(self.lora_dropout(flat)) * self.scaling
         if down.dtype == result.dtype == self.lora_B.weight.dtype:
             # Accumulated into the base output in place (its backward needs only the incoming
             # gradient): `result + lora_B(down)` writes a [N, out] tensor and reads it back,
@@ -326,22 +331,39 @@ def _refuse_merged(modules: dict[str, LoRALinear], what: str) -> None:
         raise AdapterError(f"{what}: LoRA is merged into {merged[0]} (and others); unmerge first")
 
 
+# LoRA layers disabled by `lora_disabled`, per thread: {id(layer): nesting depth}.
+_disabled = threading.local()
+
+
+def _disabled_here() -> Counter:
+    counts = getattr(_disabled, "counts", None)
+    if counts is None:
+        counts = _disabled.counts = Counter()
+    return counts
+
+
 @contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[None]:
-    """Within the block, the model computes as its base alone (the LoRA branch is skipped).
+    """Within the block, forwards run by this thread compute the base alone (the LoRA branch
+    is skipped); other threads keep the adapter.
 
+    Per thread because the evaluator runs base-only and adapter episodes concurrently on one
+    model: a flag on the layers would switch the adapter off under the other episodes too.
+    (A checkpointed backward recomputes on autograd's threads: use this for inference.)
     Raises AdapterError when the adapters are merged: the base weights then hold them.
     """
     modules = _require_lora(model, "lora_disabled")
     _refuse_merged(modules, "lora_disabled")
-    previous = {name: m.enabled for name, m in modules.items()}
-    for module in modules.values():
-        module.enabled = False
+    counts = _disabled_here()
+    keys = [id(m) for m in modules.values()]
+    counts.update(keys)
     try:
         yield
     finally:
-        for name, module in modules.items():
-            module.enabled = previous[name]
+        counts.subtract(keys)
+        for key in keys:
+            if counts[key] <= 0:
+                del counts[key]
 
 
 @torch.no_grad()

@@ -238,6 +238,22 @@ def rope_cos_sin(
     return angles.cos(), angles.sin()
 
 
+def sdpa_broadcasts_heads(q: torch.Tensor, masked: bool) -> bool:
+    """Whether SDPA should broadcast key/value heads over query heads (`enable_gqa`) instead
+    of the caller repeating them, for queries like `q` with or without an attention mask.
+
+    Yes on CPU (torch >= 2.5), whose kernels take it. On CUDA only where the flash kernel
+    runs (no mask, fp16/bf16, sm80+): the memory-efficient kernel rejects `enable_gqa`, and
+    SDPA would fall back to the math kernel, which keeps every [T, S] score matrix.
+    """
+    if not _SDPA_GQA:
+        return False
+    if q.device.type != "cuda":
+        return True
+    flash_dtype = q.dtype in (torch.float16, torch.bfloat16)
+    return not masked and flash_dtype and torch.cuda.get_device_capability(q.device) >= (8, 0)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, heads, T, D] by position: x * cos + rotate_half(x) * sin; cos/sin [B, T, D]."""
     half = x.shape[-1] // 2
@@ -370,7 +386,8 @@ class Attention(nn.Module):
             k, v = step.cache.update(self.layer, k, v)
         group = self.num_heads // self.num_kv_heads
         gqa = {}
-        if group > 1 and _SDPA_GQA:
+        masked = step.segments is None and step.masks[self.window] is not None
+        if group > 1 and sdpa_broadcasts_heads(q, masked):
             gqa["enable_gqa"] = True
         elif group > 1:
             # Grouped-query attention: each key/value head serves `group` query heads.

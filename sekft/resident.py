@@ -164,8 +164,9 @@ def resolve_paths(args: list[str], cwd: str) -> list[str]:
     return resolved
 
 
-def memory_snapshot() -> dict:
-    """The server's memory now: resident set, process peak, CUDA peak, live tensor count.
+def memory_snapshot(device: str = "cpu") -> dict:
+    """The server's memory now: resident set, process peak, live tensor count, and on a CUDA
+    `device` its allocated, peak and reserved (caching allocator: what nvidia-smi counts) bytes.
 
     `live_tensors` counts tensors the garbage collector can see; it staying flat from job to
     job is the sharpest sign that nothing (optimizer state, activations) leaks between jobs.
@@ -182,9 +183,10 @@ def memory_snapshot() -> dict:
         # modules among the objects (and makes them warn).
         "live_tensors": sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor)),
     }
-    if torch.cuda.is_available():
-        snapshot["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
-        snapshot["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    if torch.device(device).type == "cuda":
+        snapshot["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        snapshot["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        snapshot["cuda_reserved_bytes"] = torch.cuda.memory_reserved(device)
     return snapshot
 
 
@@ -197,12 +199,12 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def reset_peak_memory() -> None:
+def reset_peak_memory(device: str = "cpu") -> None:
     """Start a job's CUDA peak from here, so its result reports its own, not the server's."""
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 @dataclass
@@ -244,6 +246,12 @@ class Resident:
     closed: threading.Event = field(default_factory=threading.Event)
     worker: threading.Thread | None = None
     farewells: list[threading.Event] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        """Where the base lives, whose CUDA memory the snapshots report (a stand-in base
+        without one, as in tests, counts as the CPU)."""
+        return getattr(self.base, "device", "cpu")
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -298,12 +306,12 @@ class Resident:
                 job.state = "running"
                 self._emit(job, {"event": "started"})
             log(f"job {job.id} ({job.op}) started")
-            reset_peak_memory()
+            reset_peak_memory(self.device)
             final = self._run(job)
             # Drop the job's tensors before it counts as finished, so the next job (and a
             # memory reading taken on its result) starts from the same footprint.
             release_memory()
-            final["memory"] = memory_snapshot()
+            final["memory"] = memory_snapshot(self.device)
             with self.changed:
                 self.running = None
                 self._emit(job, final)
@@ -329,7 +337,7 @@ class Resident:
         return {"event": "result", "result": result}
 
     def status(self) -> dict:
-        memory = memory_snapshot()
+        memory = memory_snapshot(self.device)
         with self.changed:
             return {
                 "event": "status",

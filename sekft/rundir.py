@@ -109,7 +109,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # As many GPUs as both runs see: a resume may see fewer (CUDA_VISIBLE_DEVICES).
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -183,8 +185,12 @@ def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
     """
     folder = Path(folder)
     try:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+        # Read onto the CPU: load_state_dict moves each state to its parameter's device, so a
+        # run saved on cuda:1 resumes on cuda:0 or on a machine without the GPU.
+        optimizer.load_state_dict(
+            torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
+        set_rng_state(torch.load(folder / "rng.pt", map_location="cpu", weights_only=True))
         return json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
         raise TrainError(

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 import sekft
-from sekft.base import load_base
+from sekft.base import default_dtype, load_base
 from sekft.checkpoint import resolve_base
 from sekft.data import read_sessions
 from sekft.errors import ConfigError, DataError, TemplateError, TrainError, run_cli
@@ -115,7 +115,7 @@ class TrainConfig:
     loss_chunk: int = field(default=512, metadata=_help("trained positions per lm_head chunk"))
     template: str = field(default="", metadata=_help("named chat template (default: the default)"))
     device: str = field(default="", metadata=_help("cuda, cpu, ... (default: cuda if present)"))
-    dtype: str = field(default="", metadata=_help("bfloat16 / float32 (default: bf16 on CUDA)"))
+    dtype: str = field(default="", metadata=_help("bfloat16 or float32 (default: bf16 on sm80+)"))
     strict: bool = field(default=False, metadata=_help("mask findings, dropped sessions: errors"))
     resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint"))
     overwrite: bool = field(default=False, metadata=_help("replace the run already in --out"))
@@ -226,14 +226,25 @@ def plan_run(lengths: list[int], cfg: TrainConfig) -> list[list[list[int]]]:
 
 
 def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    """cfg.device/dtype, defaulting to CUDA + bfloat16 when present, else CPU + float32
-    (bf16 matmuls are ~30x slower than float32 on a typical AVX2 CPU)."""
+    """cfg.device/dtype, defaulting to CUDA when present, else CPU, and to `default_dtype`
+    there (bf16 on Ampere or newer, else float32: bf16 matmuls are ~30x slower than float32
+    on a typical AVX2 CPU)."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"--dtype {name!r} is not a float dtype; use bfloat16 or float32")
+    if not cfg.dtype:
+        return device, default_dtype(device)
+    dtype = getattr(torch, cfg.dtype, None)
+    if dtype not in (torch.bfloat16, torch.float32):
+        # float16 gradients underflow, and AdamW's state in float16 turns weights into NaN,
+        # without the loss scaling sekft-train does not do.
+        raise ConfigError(f"--dtype {cfg.dtype!r}: training runs in bfloat16 or float32")
     return device, dtype
+
+
+def weights_dtype(cfg: TrainConfig, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the base is loaded in: `dtype`, except that `--full` keeps float32 master
+    weights (AdamW's updates to bf16 weights mostly round away: a norm weight of 1.0 moves
+    only by steps of 2^-7) and computes in `dtype` under autocast."""
+    return torch.float32 if cfg.full else dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -428,8 +439,8 @@ def train(
     out = Path(cfg.out)
     claim_out_dir(out, cfg.resume, cfg.overwrite)
     if base is None:
-        base = load_base(base_path, dtype=dtype, device=device, load_4bit=cfg.load_4bit,
-                         compute_dtype=dtype)
+        base = load_base(base_path, dtype=weights_dtype(cfg, dtype), device=device,
+                         load_4bit=cfg.load_4bit, compute_dtype=dtype)
     model = base.model
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

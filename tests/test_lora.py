@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -380,6 +381,33 @@ def test_lora_disabled_computes_the_base_alone_then_restores() -> None:
     adapted = model(ids())
     with lora_disabled(model):
         torch.testing.assert_close(model(ids()), base, rtol=0, atol=0)
+    torch.testing.assert_close(model(ids()), adapted, rtol=0, atol=0)
+
+
+def test_lora_disabled_in_one_thread_leaves_the_adapter_on_in_another() -> None:
+    # The evaluator runs base-only and adapter episodes concurrently on one model.
+    model = toy()
+    base = model(ids())
+    attach_lora(model, r=2, alpha=4)
+    randomize_lora(model)
+    adapted = model(ids())
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def base_only() -> None:
+        with lora_disabled(model):
+            inside.set()
+            release.wait(10)
+            seen["disabled thread"] = model(ids())
+
+    worker = threading.Thread(target=base_only)
+    worker.start()
+    inside.wait(10)
+    seen["other thread"] = model(ids())
+    release.set()
+    worker.join()
+    torch.testing.assert_close(seen["disabled thread"], base, rtol=0, atol=0)
+    torch.testing.assert_close(seen["other thread"], adapted, rtol=0, atol=0)
     torch.testing.assert_close(model(ids()), adapted, rtol=0, atol=0)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers
@@ -22,6 +24,7 @@ from sekft.model import (
     rms_norm,
     rope_cos_sin,
     rope_frequencies,
+    sdpa_broadcasts_heads,
     swiglu,
 )
 
@@ -60,6 +63,22 @@ def test_swiglu_keeps_only_gate_and_up_for_backward():
         swiglu(gate, up)
     assert len(saved) == 2
     assert {t.data_ptr() for t in saved} == {gate.data_ptr(), up.data_ptr()}
+
+
+def test_sdpa_broadcasts_kv_heads_on_cpu_and_on_cuda_only_where_flash_runs(monkeypatch):
+    # On CUDA only the flash kernel takes enable_gqa; anything else would fall back to the
+    # math kernel and keep every score matrix. No GPU here: the CUDA side is a stand-in.
+    assert sdpa_broadcasts_heads(torch.zeros(1), masked=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+
+    def cuda(dtype):
+        return SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+
+    assert sdpa_broadcasts_heads(cuda(torch.bfloat16), masked=False)
+    assert not sdpa_broadcasts_heads(cuda(torch.bfloat16), masked=True)
+    assert not sdpa_broadcasts_heads(cuda(torch.float32), masked=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not sdpa_broadcasts_heads(cuda(torch.float16), masked=False)
 
 
 def test_rms_norm_of_a_constant_row_is_the_weight():

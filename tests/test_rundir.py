@@ -25,6 +25,7 @@ from sekft.rundir import (
     remove_stale_temporaries,
     rewind_metrics,
     save_checkpoint,
+    set_rng_state,
     write_atomic,
 )
 
@@ -93,6 +94,17 @@ def test_checkpoint_round_trip_restores_optimizer_and_rng(tmp_path):
     assert torch.equal(*moments)
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1]
+
+
+def test_resume_restores_cuda_rng_only_for_the_gpus_it_sees(monkeypatch):
+    # Saved with two GPUs visible, resumed with one: restoring the second would fail.
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append((s, i)))
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": ["a", "b"]}
+    set_rng_state(state)
+    assert restored == [("a", 0)]
 
 
 def test_latest_checkpoint_picks_the_highest_complete_step(tmp_path):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tiny import CORPUS
 
 from sekft.base import load_base
-from sekft.errors import CheckpointError, DataError, TemplateError, TrainError
+from sekft.errors import CheckpointError, ConfigError, DataError, TemplateError, TrainError
 from sekft.lora import attach_lora, lora_parameters
 from sekft.loss import trained_token_loss
 from sekft.pack import IGNORE, Example, collate_row
@@ -32,8 +32,10 @@ from sekft.sft import (
     lr_at,
     main,
     plan_run,
+    resolve_device_dtype,
     split_validation,
     train,
+    weights_dtype,
 )
 
 COMMANDS = [line for line in CORPUS if "\n" not in line and len(line) < 45]
@@ -432,6 +434,20 @@ def test_out_holding_another_run_is_refused_without_resume_or_overwrite(tiny_lla
     assert train(dataclasses.replace(cfg, overwrite=True)).steps == 1
 
 
+def test_float16_training_is_refused_and_cpu_defaults_to_float32():
+    with pytest.raises(ConfigError, match="bfloat16 or float32"):
+        resolve_device_dtype(TrainConfig("d", "b", device="cpu", dtype="float16"))
+    cpu = torch.device("cpu")
+    assert resolve_device_dtype(TrainConfig("d", "b", device="cpu")) == (cpu, torch.float32)
+    bf16 = TrainConfig("d", "b", device="cpu", dtype="bfloat16")
+    assert resolve_device_dtype(bf16) == (torch.device("cpu"), torch.bfloat16)
+
+
+def test_full_training_keeps_float32_master_weights_whatever_the_compute_dtype():
+    assert weights_dtype(TrainConfig("d", "b", full=True), torch.bfloat16) == torch.float32
+    assert weights_dtype(TrainConfig("d", "b"), torch.bfloat16) == torch.bfloat16
+
+
 def test_a_base_that_does_not_exist_is_an_error(tmp_path, capsys):
     data = write_sessions(tmp_path / "data.jsonl", 2)
     code, err = run_cli(["--data", str(data), "--base", str(tmp_path / "nope"),
@@ -452,3 +468,13 @@ def test_overlong_sessions_are_dropped_with_a_count_or_refused_under_strict(tiny
     with pytest.raises(DataError, match=r"data.jsonl:7: session is \d+ tokens"):
         train(config(tiny_llama, tmp_path, max_steps=1, strict=True, overwrite=True))
 
+
+
+def test_bf16_is_the_default_only_on_gpus_with_native_bf16(monkeypatch):
+    from sekft.base import default_dtype
+
+    assert default_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert default_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert default_dtype("cuda") == torch.float32

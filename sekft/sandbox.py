@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -320,10 +321,20 @@ class Sandbox:
         return staged
 
     def preexec(self):
-        """preexec_fn for processes that exec bubblewrap: drop root, or None."""
-        if self.bwrap is not None and sandbox_host_id() is not None:
-            return drop_privileges
-        return None
+        """preexec_fn for processes started in this sandbox: signals back to their defaults,
+        and root dropped before bubblewrap runs (see drop_privileges)."""
+        drop = self.bwrap is not None and sandbox_host_id() is not None
+
+        def prepare() -> None:
+            # An ignored signal stays ignored across exec, and bash cannot undo one ignored at
+            # its start: run from `nohup` or a script's background job, Ctrl-C would never
+            # stop a command that hangs, and every hang would cost the shell.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            if drop:
+                drop_privileges()
+
+        return prepare
 
     def argv(self, command: list[str], readonly: dict[str, Path] | None = None) -> list[str]:
         """argv that runs `command` inside this sandbox, under the resource limits."""

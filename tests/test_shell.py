@@ -1,5 +1,6 @@
 """The persistent sandboxed bash: one behaviour per test, short timeouts throughout."""
 
+import signal
 import time
 
 import pytest
@@ -94,6 +95,18 @@ def test_command_that_never_returns_is_interrupted_and_shell_continues(shell, co
     result = shell.run(command, timeout=0.5)
     assert result.timed_out and not result.restarted and result.status == 130
     assert shell.run("echo next", timeout=5).output == b"next\r\n"
+
+
+def test_ctrl_c_reaches_the_command_when_sekft_itself_ignores_it():
+    # Started from nohup or a script's background job, sekft inherits SIGINT ignored; the
+    # sandboxed shell must not, or every hang would cost the shell and its state.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with Sandbox.create() as box, Shell(box) as shell:
+            result = shell.run("sleep 1000", timeout=0.5)
+            assert result.timed_out and not result.restarted and result.status == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_command_ignoring_ctrl_c_gets_shell_restarted():

@@ -156,14 +156,21 @@ def byte_level_bpe(folder: Path) -> Tokenizer:
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     """The tokenizer saved in `folder`: `tokenizer.json`, else byte-level BPE from vocab + merges.
 
-    Raises TemplateError naming the folder when neither layout is there.
+    Padding and truncation stored in tokenizer.json are switched off, as transformers and
+    servers switch them off: sekft tokenizes one whole render at a time. Raises TemplateError
+    naming the folder when neither layout is there.
     """
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
         try:
-            return Tokenizer.from_file(str(folder / "tokenizer.json"))
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise TemplateError(f"{folder / 'tokenizer.json'}: cannot load ({e})") from e
+        # A tokenizer re-saved after a padded batch keeps those settings (a re-saved Mistral
+        # v0.3: fixed length 512, left, </s>): every render would come out 512 ids long.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return byte_level_bpe(folder)
     raise TemplateError(

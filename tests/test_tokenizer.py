@@ -80,3 +80,37 @@ def test_malformed_config_names_the_file(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(TemplateError, match="tokenizer_config.json: cannot read JSON"):
         load_special_tokens(tmp_path)
+
+
+def resaved_with_padding_and_truncation(folder: str, tmp_path):
+    """A copy of the fixture's tokenizer.json as a re-saved Mistral v0.3 carries it: padding to
+    a fixed 512 ids on the left with </s>, truncation at 512."""
+    saved = json.loads((FIXTURES / folder / "tokenizer.json").read_text(encoding="utf-8"))
+    saved["padding"] = {"strategy": {"Fixed": 512}, "direction": "Left",
+                        "pad_to_multiple_of": None, "pad_id": 2, "pad_type_id": 0,
+                        "pad_token": "</s>"}
+    saved["truncation"] = {"direction": "Right", "max_length": 512,
+                           "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved), encoding="utf-8")
+    return tmp_path
+
+
+def test_padding_and_truncation_stored_in_tokenizer_json_are_switched_off(tmp_path):
+    from template_oracles import our_template
+
+    from sekft.mask import encode_session
+
+    folder = "mistral-7b-instruct-v0.2"
+    plain = load_tokenizer(FIXTURES / folder)
+    resaved = load_tokenizer(resaved_with_padding_and_truncation(folder, tmp_path))
+    text = "<s>[INST] list the files [/INST]ls -la</s>"
+    assert resaved.encode(text, add_special_tokens=False).ids == plain.encode(
+        text, add_special_tokens=False).ids
+    long = "word " * 2000
+    assert len(resaved.encode_batch([long, "ls"])[0].ids) == len(plain.encode(long).ids) > 512
+    messages = [{"role": "user", "content": "list the files"},
+                {"role": "assistant", "content": "ls -la"}]
+    encoded = encode_session(messages, our_template(folder), resaved)
+    assert encoded.violations == []
+    trained = [t for t in encoded.labels if t != -100]
+    assert resaved.decode(trained, skip_special_tokens=False) == "ls -la</s>"

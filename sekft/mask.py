@@ -7,15 +7,17 @@ Definitions (for a session of messages m and its chat template):
   sends before that turn. The turn's trained span is R[len(P_i) : end of its end-of-turn token],
   the end-of-turn token being the first one (`</s>`, `<|im_end|>`, `<|eot_id|>`, `<|end|>`,
   `<end_of_turn>`, eos) after the turn's content. Glue the prompt leaves to the model trains;
-  glue after the end-of-turn token does not; nothing of other turns does.
+  glue after the end-of-turn token does not; nothing of other turns does. A span holding an
+  end-of-turn string before that token (content `a<|eot_id|>b`) is one a server cuts short.
 - A token trains when all its characters lie in a trained span. `labels` are unshifted (as
   transformers'): labels[k] = input_ids[k] where token k trains, else -100.
 
 Spans come from renders, never from searching marker strings. Each rule of the contract is a
 named check function (`check_serve_prefix`, `check_history`, `check_straddle`, `check_stop`,
-`check_coverage`) that tests and the inspector call; violations are values {check, turn, detail}.
-A turn that fails serve-prefix, history or stop does not train at all (never guessed);
-straddling tokens do not train (and are errors under strict).
+`check_early_stop`, `check_coverage`) that tests and the inspector call; violations are values
+{check, turn, detail}. A turn that fails serve-prefix, history or stop (early stop included)
+does not train at all (never guessed); straddling tokens do not train (and are errors under
+strict).
 
 `python -m sekft.mask --inspect --data FILE --base DIR` shows what trains.
 """
@@ -249,6 +251,26 @@ def check_stop(turn: int, span: Span, labels: Sequence[int]) -> list[Violation]:
     return []
 
 
+def check_early_stop(
+    turn: int, text: str, span: Span, offsets: Sequence[tuple[int, int]],
+    end_strings: Sequence[str],
+) -> list[Violation]:
+    """No end-of-turn string may occur in the turn before its closing token (a `stop` failure).
+
+    A server stops generating at the first one (`echo a<|eot_id|>b` ends after `a`), so a model
+    trained on the turn would learn text it can never produce. `end_strings` are the template's
+    (ChatTemplate.end_of_turn_strings); the span must have its closing token.
+    """
+    before = text[span.start : offsets[span.eot_token][0]]
+    found = sorted((at, s) for s in end_strings if (at := before.find(s)) >= 0)
+    if not found:
+        return []
+    at, string = found[0]
+    detail = (f"the turn contains the end-of-turn string {string!r} at char {span.start + at}, "
+              "before its end: a server stops generating there, so the rest cannot be produced")
+    return [Violation("stop", turn, detail)]
+
+
 def check_straddle(
     turn_of_token: Mapping[int, int], straddles: Sequence[int], text: str,
     offsets: Sequence[tuple[int, int]],
@@ -419,7 +441,8 @@ def encode_sessions(
         names, prepared, all_renders, encodings, strict=True
     ):
         per_turn = {turn: next(prompt_ids) for turn in renders.prompts}
-        encoded = mask_session(messages, renders, ids, offsets, ends, per_turn, eot_ids)
+        encoded = mask_session(messages, renders, ids, offsets, ends, per_turn, eot_ids,
+                               template.end_of_turn_strings)
         if strict and encoded.violations:
             v = encoded.violations[0]
             raise MaskError(f"{name}: turn {v.turn}: check {v.check} failed: {v.detail} "
@@ -453,6 +476,7 @@ def mask_session(
     ends: list[int],
     prompt_ids: Mapping[int, tuple[int, list[int]]],
     eot_ids: frozenset[int],
+    end_strings: Sequence[str],
 ) -> Encoded:
     """Spans, mask, labels and every check for one rendered and tokenized session."""
     text = renders.text
@@ -466,6 +490,8 @@ def mask_session(
         found = found or check_history(turn, text, renders.histories[turn], span)
         if not found and span.eot_token is None:
             found = check_stop(turn, span, [])
+        if not found:
+            found = check_early_stop(turn, text, span, offsets, end_strings)
         violations += found
         if not found:
             kept.append(span)

@@ -28,6 +28,7 @@ from sekft.mask import (
     Span,
     Violation,
     check_coverage,
+    check_early_stop,
     check_history,
     check_serve_prefix,
     check_stop,
@@ -47,6 +48,15 @@ CLOSER = {
     "phi-3-mini-4k-instruct": "<|end|>",
     "qwen2.5-instruct": "<|im_end|>",
     "smollm2": "<|im_end|>",
+}
+
+# What a server stops generating at in each fixture: the closer and the eos token (read off the
+# tokenizer configs by hand). A turn holding one before its closer must not train.
+STOPS = {
+    "mistral-7b-instruct-v0.2": ("</s>",),
+    "phi-3-mini-4k-instruct": ("<|end|>", "<|endoftext|>"),
+    "qwen2.5-instruct": ("<|im_end|>",),
+    "smollm2": ("<|im_end|>", "<|endoftext|>"),
 }
 
 CHATML_GENERATION = (
@@ -70,15 +80,16 @@ def tokenizer_of(folder: str):
 def oracle_mask(folder: str, messages: list[dict]):
     """The contract computed with transformers alone: renders, tokens, spans, trained tokens.
 
-    Returns (input_ids, offsets, spans, trained token indices, turns failing serve-prefix).
-    Each fixture template writes an assistant turn as its content then CLOSER right after
-    P_i, so a span is [len(P_i), end of the token that starts the closer).
+    Returns (input_ids, offsets, spans, trained token indices, turns failing serve-prefix,
+    turns failing stop). Each fixture template writes an assistant turn as its content then
+    CLOSER right after P_i, so a span is [len(P_i), end of the token that starts the closer);
+    a turn whose content holds one of STOPS does not train.
     """
     hf, enc = hf_tokenizer(folder), hf_encoder(folder)
     text = hf.apply_chat_template(messages, tokenize=False)
     encoded = enc(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    spans, unserved = [], []
+    spans, unserved, stopped = [], [], []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -91,10 +102,13 @@ def oracle_mask(folder: str, messages: list[dict]):
         if prompt_ids != ids[: len(prompt_ids)]:
             unserved.append(i)
             continue
+        if any(stop in message["content"] for stop in STOPS[folder]):
+            stopped.append(i)
+            continue
         closer = next(k for k, (s, _) in enumerate(offsets) if s >= closer_at)
         spans.append((len(prompt), offsets[closer][1]))
     trained = [k for k, (s, e) in enumerate(offsets) if any(a <= s and e <= b for a, b in spans)]
-    return ids, offsets, spans, trained, unserved
+    return ids, offsets, spans, trained, unserved, stopped
 
 
 def trained_indices(encoded) -> list[int]:
@@ -109,12 +123,13 @@ def test_trained_tokens_are_exactly_those_inside_the_contract_spans(folder):
     @given(messages=sessions(min_turns=1, max_turns=30))
     def exact(messages):
         messages = canonical(messages)
-        ids, offsets, spans, trained, unserved = oracle_mask(folder, messages)
+        ids, offsets, spans, trained, unserved, stopped = oracle_mask(folder, messages)
         encoded = encode_session(messages, template, tokenizer)
         assert encoded.input_ids == ids
         assert trained_indices(encoded) == trained
         assert encoded.labels == [t if k in set(trained) else IGNORE for k, t in enumerate(ids)]
         assert {v.turn for v in encoded.violations if v.check == "serve-prefix"} == set(unserved)
+        assert {v.turn for v in encoded.violations if v.check == "stop"} == set(stopped)
 
     exact()
 
@@ -127,7 +142,7 @@ def test_trained_characters_are_the_spans_less_straddling_tokens(folder):
     @given(messages=sessions(min_turns=2, max_turns=12))
     def characters(messages):
         messages = canonical(messages)
-        _, offsets, spans, _, _ = oracle_mask(folder, messages)
+        _, offsets, spans, _, _, _ = oracle_mask(folder, messages)
         encoded = encode_session(messages, template, tokenizer)
         in_spans = {c for a, b in spans for c in range(a, b)}
         crossing = {c for k in encoded.straddles for c in range(*offsets[k])}
@@ -202,8 +217,9 @@ def test_mask_equals_transformers_generation_mask_on_chatml(messages):
     template = ChatTemplate(CHATML_GENERATION, hf.special_tokens_map)
     encoded = encode_session(messages, template, tokenizer_of("smollm2"))
     # A turn whose prompt tokenizes differently (content starting with a newline merges with
-    # the prompt's) does not train here; transformers does not check.
-    assume(all(v.check != "serve-prefix" for v in encoded.violations))
+    # the prompt's), or that holds an end-of-turn string, does not train here; transformers
+    # does not check.
+    assume(all(v.check not in ("serve-prefix", "stop") for v in encoded.violations))
     assert encoded.input_ids == oracle["input_ids"]
     theirs = [k for k, m in enumerate(oracle["assistant_masks"]) if m]
     # transformers also marks tokens that only partly overlap a span; sekft never trains those.
@@ -305,6 +321,50 @@ def test_an_end_of_turn_token_attached_to_the_next_turn_fails_stop():
     assert encoded.trained_tokens == 0
 
 
+@pytest.mark.parametrize(("folder", "closer"), [
+    ("llama-3.2-3b-instruct", "<|eot_id|>"),
+    ("smollm2", "<|im_end|>"),
+    ("qwen2.5-instruct", "<|im_end|>"),
+    ("mistral-7b-instruct-v0.2", "</s>"),
+    ("phi-3-mini-4k-instruct", "<|end|>"),
+])
+def test_an_end_of_turn_string_inside_the_content_fails_stop_and_does_not_train(folder, closer):
+    """A server stops at the first end-of-turn token: `echo a<|eot_id|>b` can never be produced
+    whole, so the turn does not train; the session's other turns still do."""
+    tokenizer = llama_tokenizer() if folder.startswith("llama") else tokenizer_of(folder)
+    messages = [
+        {"role": "user", "content": "list the files"},
+        {"role": "assistant", "content": f"echo a{closer}b"},
+        {"role": "user", "content": "a b"},
+        {"role": "assistant", "content": "ls"},
+    ]
+    encoded = encode_session(messages, our_template(folder), tokenizer)
+    assert checks_failed(encoded) == {("stop", 1)}
+    assert f"end-of-turn string {closer!r}" in encoded.violations[0].detail
+    trained = tokenizer.decode([t for t in encoded.labels if t != IGNORE],
+                               skip_special_tokens=False)
+    assert trained == "ls" + closer
+    assert encoded.failed
+
+
+def test_the_eos_token_inside_the_content_fails_stop_too():
+    """SmolLM2 closes turns with <|im_end|>; its eos <|endoftext|> also stops a server."""
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "cat x<|endoftext|>"}]
+    encoded = encode_session(messages, our_template("smollm2"), tokenizer_of("smollm2"))
+    assert checks_failed(encoded) == {("stop", 1)}
+    assert encoded.trained_tokens == 0
+
+
+def test_an_end_of_turn_string_of_another_template_trains_as_text():
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "echo '<|eot_id|>'"}]
+    encoded = encode_session(messages, our_template("smollm2"), tokenizer_of("smollm2"))
+    assert encoded.violations == []
+    assert "<|eot_id|>" in tokenizer_of("smollm2").decode(
+        [t for t in encoded.labels if t != IGNORE], skip_special_tokens=False)
+
+
 def test_a_token_crossing_a_span_edge_is_reported_and_does_not_train():
     """Phi-3's <|assistant|> swallows the whitespace after it, the content's leading space too."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " ls"}]
@@ -364,6 +424,18 @@ def test_check_stop_requires_the_closing_token_to_train():
     ]
 
 
+def test_check_early_stop_finds_the_first_end_of_turn_string_before_the_closer():
+    text = "<p>a</s>b</s>|"
+    span = Span(turn=1, start=3, end=13, content=(3, 9), eot_token=3)
+    offsets = [(0, 3), (3, 4), (4, 8), (9, 13)]
+    assert check_early_stop(1, "<p>ab</s>|", Span(1, 3, 9, (3, 5), 2), [(0, 3), (3, 5), (5, 9)],
+                            ["</s>"]) == []
+    assert check_early_stop(1, text, span, offsets, ["</s>", "b"]) == [
+        Violation("stop", 1, "the turn contains the end-of-turn string '</s>' at char 4, before "
+                  "its end: a server stops generating there, so the rest cannot be produced")
+    ]
+
+
 def test_check_coverage_flags_trained_characters_outside_every_span():
     span = Span(turn=1, start=2, end=4, content=(2, 3), eot_token=1)
     offsets = [(0, 2), (2, 3), (3, 4)]
@@ -420,7 +492,7 @@ def test_shell_fixture_trains_exactly_the_commands_and_their_closers(folder, cap
         assert len(closers) == assistant_turns - len(unserved)
 
 
-def test_shell_fixture_under_llama_trains_trimmed_commands_and_eot_id():
+def llama_tokenizer():
     """Llama 3.2's tokenizer is not in the fixtures: Qwen2.5's, whose pre-tokenizer splits text
     as Llama 3's does (newlines kept whole before a word), given Llama's header tokens."""
     from tokenizers import AddedToken
@@ -428,6 +500,11 @@ def test_shell_fixture_under_llama_trains_trimmed_commands_and_eot_id():
     tokenizer = load_tokenizer(FIXTURES / "qwen2.5-instruct")
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (
         "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")])
+    return tokenizer
+
+
+def test_shell_fixture_under_llama_trains_trimmed_commands_and_eot_id():
+    tokenizer = llama_tokenizer()
     template = our_template("llama-3.2-3b-instruct")
     sessions = [s.messages for s in read_sessions(SHELL_SESSIONS)]
     for encoded in encode_sessions(sessions, template, tokenizer):

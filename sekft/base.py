@@ -170,7 +170,8 @@ def check_tensors(folder: Path, config: ModelConfig, index: dict, wanted: dict) 
     if extra:
         raise CheckpointError(
             f"{index[extra[0]].file}: tensor {extra[0]!r} (and {len(extra) - 1} more) has no "
-            f"place in {described}; the weights belong to another architecture"
+            f"place in {described}; config.json and the weights disagree, or the weights are "
+            f"of a {config.model_type} variant sekft does not support"
         )
 
 
@@ -197,7 +198,7 @@ def _summary(base: Base, seconds: float, load_4bit: bool) -> str:
         f"mlp {c.intermediate_size}  vocab {c.vocab_size}",
         f"attention   {c.num_heads} heads, {c.num_kv_heads} kv heads, head_dim {c.head_dim}"
         + (f", sliding window {sorted(window)}" if window else "")
-        + (", q/k/v bias" if c.attention_bias else "")
+        + (", q/k/v" + ("/o" if c.o_bias else "") + " bias" if c.qkv_bias else "")
         + (", q/k norm" if c.qk_norm else ""),
         f"rope        theta {c.rope_theta:g}" + (f", {c.rope_scaling}" if c.rope_scaling else ""),
         f"tied        {c.tie_embeddings}",

@@ -33,6 +33,7 @@ class ModelConfig:
     `sliding_windows[i]` is layer i's attention window (a query sees itself and the
     `window - 1` tokens before it) or None for full causal attention.
     `rope_scaling` is None or a dict with `rope_type` ("linear" or "llama3") and its fields.
+    `qkv_bias`, `o_bias` and `mlp_bias` say which linears have a bias (see `_biases`).
     """
 
     model_type: str
@@ -47,7 +48,8 @@ class ModelConfig:
     rope_theta: float
     rope_scaling: dict | None
     tie_embeddings: bool
-    attention_bias: bool
+    qkv_bias: bool
+    o_bias: bool
     mlp_bias: bool
     qk_norm: bool
     sliding_windows: tuple[int | None, ...]
@@ -93,6 +95,7 @@ class ModelConfig:
         layers = field("num_hidden_layers")
         rope_theta, rope_scaling = _rope_config(config, source)
         is_qwen = model_type in ("qwen2", "qwen3")
+        qkv_bias, o_bias, mlp_bias = _biases(config, model_type)
         return cls(
             model_type=model_type,
             vocab_size=field("vocab_size"),
@@ -106,13 +109,29 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; its config does not say so.
-            attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
             qk_norm=model_type == "qwen3",
             sliding_windows=_sliding_windows(config, model_type, layers, is_qwen),
             max_position_embeddings=field("max_position_embeddings", default=4096),
         )
+
+
+def _biases(config: dict, model_type: str) -> tuple[bool, bool, bool]:
+    """(q/k/v, o_proj, MLP) biases, as transformers builds each architecture.
+
+    Llama's `attention_bias` gives all four attention projections a bias, and Qwen3's too;
+    Qwen2 always has q/k/v biases and no o_proj bias, whatever its config says; Mistral has
+    none. Only Llama reads `mlp_bias`.
+    """
+    attention = bool(config.get("attention_bias", False))
+    if model_type == "qwen2":
+        return True, False, False
+    if model_type == "mistral":
+        return False, False, False
+    mlp = model_type == "llama" and bool(config.get("mlp_bias", False))
+    return attention, attention, mlp
 
 
 def _rope_config(config: dict, source: str) -> tuple[float, dict | None]:
@@ -363,11 +382,11 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.window = c.sliding_windows[layer]
-        bias = c.attention_bias
+        bias = c.qkv_bias
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)

@@ -324,6 +324,54 @@ def test_qwen3_matches_transformers(tmp_path):
         torch.testing.assert_close(model(ids), _hf_logits(folder, ids), atol=TOL, rtol=0)
 
 
+def with_random_biases(folder):
+    """The checkpoint in `folder` with every bias drawn at random: transformers initialises
+    biases to zero, which would hide a bias that is not applied."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    generator = torch.Generator().manual_seed(1)
+    for name, tensor in tensors.items():
+        if name.endswith(".bias"):
+            tensors[name] = torch.randn(tensor.shape, generator=generator) * 0.5
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize(("kind", "biased"), [
+    ("llama", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("qwen3", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("qwen2", {"q_proj", "k_proj", "v_proj"}),
+    ("mistral", set()),
+])
+def test_attention_bias_is_read_per_architecture_as_transformers_does(tmp_path, kind, biased):
+    """`attention_bias: true` biases all four projections of Llama and Qwen3; Qwen2 has q/k/v
+    biases whatever it says, Mistral none."""
+    folder = with_random_biases(make_tiny_checkpoint(tmp_path, kind, attention_bias=True))
+    ids = _ids(2, 12)
+    model = load_base(folder, device="cpu").model
+    attention = model.model.layers[0].self_attn
+    assert {n for n, m in attention.named_children() if getattr(m, "bias", None) is not None} \
+        == biased
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), _hf_logits(folder, ids), atol=TOL, rtol=0)
+
+
+def test_a_bias_the_config_does_not_declare_is_blamed_on_the_config(tmp_path):
+    import json
+
+    from sekft.errors import CheckpointError
+
+    folder = make_tiny_checkpoint(tmp_path, "llama", attention_bias=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attention_bias": False}))
+    with pytest.raises(CheckpointError, match=r"_proj.bias' .*; config.json and the weights "
+                       "disagree, or the weights are of a llama variant") as error:
+        load_base(folder, device="cpu")
+    assert "another architecture" not in str(error.value)
+
+
 # ---- training-side contract -------------------------------------------------------------
 
 

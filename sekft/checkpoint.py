@@ -197,6 +197,18 @@ def tensor_index(folder: Path) -> dict[str, TensorInfo]:
     return index
 
 
+def stored_dtype(index: dict[str, TensorInfo]) -> torch.dtype:
+    """The floating-point dtype a checkpoint's weights are stored in (see `tensor_index`).
+
+    The one dtype of its floating-point tensors; when they mix dtypes, float32 (float64 if
+    any is), which holds every stored value exactly.
+    """
+    floats = {info.dtype for info in index.values() if info.dtype.is_floating_point}
+    if len(floats) == 1:
+        return next(iter(floats))
+    return torch.float64 if torch.float64 in floats else torch.float32
+
+
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """The stored tensor, as a CPU tensor backed by the file's memory map (no copy yet).
 

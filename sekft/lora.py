@@ -16,7 +16,8 @@ only LoRA parameters are trainable. LoRA weights live in float32 by default what
 dtype (as PEFT's `autocast_adapter_dtype`): the input is cast to them and the update back.
 
     python -m sekft.lora check ADAPTER     # does sekft load it, would vLLM?
-    python -m sekft.lora merge --base BASE --adapter ADAPTER --out DIR   # one float checkpoint
+    python -m sekft.lora merge --base BASE --adapter ADAPTER --out DIR   # one float checkpoint,
+                                                    # in the dtype the base is stored in
 """
 
 from __future__ import annotations
@@ -774,8 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--base", required=True, help="checkpoint folder or org/name in HF cache")
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--out", required=True, help="output checkpoint folder")
-    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
-                       help="dtype of the written weights (default %(default)s)")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the written weights (default: the dtype the base's "
+                       "safetensors store)")
     args = parser.parse_args(argv)
     if args.command == "check":
         config = read_adapter_config(Path(args.adapter))
@@ -787,14 +789,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Imported here: the loader is only needed to merge, and lora sits below it otherwise.
     from sekft.base import load_base
+    from sekft.checkpoint import resolve_base, stored_dtype, tensor_index
 
-    dtype = getattr(torch, args.dtype)
-    # Read in the output dtype (a 7B base in float32 would need 28 GB); the update itself is
-    # computed in float32 and rounded once.
-    base = load_base(args.base, dtype=dtype, device="cpu")
+    folder = resolve_base(args.base)
+    # By default the dtype the tensors are stored in (config.json's torch_dtype can be stale
+    # after a conversion): a float32 base written as bf16 moved the logits by 3-8e-2.
+    dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(tensor_index(folder))
+    # Read in the output dtype (a 7B base in float32 would need 28 GB, in bf16 half that);
+    # the update itself is computed in float32 and rounded once.
+    base = load_base(folder, dtype=dtype, device="cpu")
     load_adapter(base.model, args.adapter)
     out = export_merged(base.model, args.out, base.path, dtype)
-    print(f"{out}: merged {args.adapter} into {base.path} ({args.dtype})")
+    print(f"{out}: merged {args.adapter} into {base.path} ({str(dtype).removeprefix('torch.')})")
     return 0
 
 

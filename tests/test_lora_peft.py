@@ -6,6 +6,7 @@ merged exports load in our loader and in transformers; the 4-bit base trains LoR
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -123,6 +124,56 @@ def test_export_merged_from_the_4bit_base_dequantizes(tiny_llama, tmp_path) -> N
     adapted = our_logits(base.model)
     out = export_merged(base.model, tmp_path / "merged", base.path)
     torch.testing.assert_close(hf_logits(hf_model(out)), adapted, **TOL)
+
+
+def merge_cli(base_dir, tmp_path, *extra: str):
+    """Save a trained adapter on `base_dir`, merge it with `python -m sekft.lora merge`; returns
+    the adapter's logits (unmerged, float32) and the merged folder."""
+    from sekft import lora
+    from sekft.checkpoint import tensor_index
+
+    base = load_base(base_dir, dtype=torch.float32, device="cpu")
+    attach_lora(base.model, r=4, alpha=8)
+    trained_lora(base.model)
+    save_adapter(base.model, tmp_path / "adapter", None)
+    out = tmp_path / "merged"
+    assert lora.main(["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
+                      "--out", str(out), *extra]) == 0
+    return our_logits(base.model), out, {i.dtype for i in tensor_index(out).values()}
+
+
+def test_merge_command_keeps_a_float32_base_in_float32(tiny_llama, tmp_path, capsys) -> None:
+    adapted, out, dtypes = merge_cli(tiny_llama, tmp_path)
+    assert dtypes == {torch.float32}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert capsys.readouterr().out.rstrip().endswith("(float32)")
+    merged = load_base(out, dtype=torch.float32, device="cpu")
+    # bf16 (the old default) is ~2e-2 off here, float32 ~2e-6.
+    torch.testing.assert_close(our_logits(merged.model), adapted, rtol=0, atol=1e-5)
+
+
+def test_merge_command_keeps_a_bf16_base_in_bf16_and_dtype_overrides(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base_dir = tmp_path / "bf16-base"
+    shutil.copytree(tiny_llama, base_dir)
+    tensors = load_file(base_dir / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()},
+              base_dir / "model.safetensors", metadata={"format": "pt"})
+    assert merge_cli(base_dir, tmp_path / "a")[2] == {torch.bfloat16}
+    assert merge_cli(base_dir, tmp_path / "b", "--dtype", "float32")[2] == {torch.float32}
+
+
+def test_stored_dtype_is_float32_when_a_checkpoint_mixes_dtypes() -> None:
+    from pathlib import Path
+
+    from sekft.checkpoint import TensorInfo, stored_dtype
+
+    def index(*dtypes):
+        return {f"t{n}": TensorInfo(f"t{n}", Path("x"), d, (1,)) for n, d in enumerate(dtypes)}
+
+    assert stored_dtype(index(torch.bfloat16, torch.bfloat16, torch.int64)) == torch.bfloat16
+    assert stored_dtype(index(torch.bfloat16, torch.float16)) == torch.float32
 
 
 def test_4bit_base_backward_reaches_lora_only_and_leaves_storage_unchanged(tiny_llama) -> None:

@@ -16,8 +16,9 @@ only LoRA parameters are trainable. LoRA weights live in float32 by default what
 dtype (as PEFT's `autocast_adapter_dtype`): the input is cast to them and the update back.
 
     python -m sekft.lora check ADAPTER     # does sekft load it, would vLLM?
-    python -m sekft.lora merge --base BASE --adapter ADAPTER --out DIR   # one float checkpoint,
-                                                    # in the dtype the base is stored in
+    python -m sekft.lora merge --base BASE --adapter ADAPTER --out DIR   # one float checkpoint
+
+`merge` writes the dtype the base's weights are stored in, unless `--dtype` says otherwise.
 """
 
 from __future__ import annotations

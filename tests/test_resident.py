@@ -22,8 +22,11 @@ import pytest
 from sekft import eval as sekft_eval
 from sekft import resident, sft
 from sekft.errors import ConfigError, DataError, ResidentError
+from sekft.sandbox import find_bwrap
 
 REPO = Path(__file__).resolve().parent.parent
+# The eval jobs below run episodes in the sandbox; the rest of this file needs no bubblewrap.
+needs_bwrap = pytest.mark.skipif(find_bwrap() is None, reason="needs bubblewrap")
 
 
 @pytest.fixture
@@ -521,6 +524,7 @@ def job_sequence(tiny_llama, tmp_path_factory):
     return {"work": work, "loads": len(loads), "before": before, "after": after, "finals": finals}
 
 
+@needs_bwrap
 def test_real_jobs_run_one_after_another_on_the_resident_base(job_sequence):
     kinds = [f["event"] for f in job_sequence["finals"]]
     assert kinds == ["result", "result", "error", "result", "result", "result"]
@@ -562,6 +566,7 @@ def test_different_seeds_give_different_adapters(job_sequence):
     assert any(not torch_equal(a1[name], a2[name]) for name in a1)
 
 
+@needs_bwrap
 def test_resident_eval_gives_the_transcripts_of_a_cold_sekft_eval(job_sequence, tiny_llama):
     from sekft import eval as sekft_eval
 

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from sekft.errors import ConfigError, ScenarioError, run_cli
 from sekft.observation import MAX_OUTPUT_BYTES, login, observe
+from sekft.progress import ProgressLine, format_eval_progress
 from sekft.sandbox import (
     SCENARIO_DIR,
     TRANSCRIPT_PATH,
@@ -235,20 +237,62 @@ def _play(episode: Episode, scenario: Scenario, policy: Policy, shell: Shell,
 
 
 def run_suite(scenarios: list[Scenario], make_policy: Callable[[Scenario], Policy],
-              config: EpisodeConfig, run: str = "model", jobs: int = 1) -> list[Episode]:
-    """Every scenario once, `jobs` at a time; scenario errors become episodes with `error`."""
+              config: EpisodeConfig, run: str = "model", jobs: int = 1,
+              on_done: Callable[[Episode], None] | None = None) -> list[Episode]:
+    """Every scenario once, `jobs` at a time; scenario errors become episodes with `error`.
+    `on_done(episode)` is called as each episode ends, from the thread that ran it."""
 
     def one(scenario: Scenario) -> Episode:
         try:
-            return run_episode(scenario, make_policy(scenario), config, run)
+            episode = run_episode(scenario, make_policy(scenario), config, run)
         except ScenarioError as e:
-            return Episode(scenario.id, scenario.family, scenario.split, scenario.expect, run,
-                           error=str(e))
+            episode = Episode(scenario.id, scenario.family, scenario.split, scenario.expect,
+                              run, error=str(e))
+        if on_done is not None:
+            on_done(episode)
+        return episode
 
     if jobs <= 1:
         return [one(s) for s in scenarios]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(one, scenarios))
+
+
+class SuiteProgress:
+    """The live line of an eval: episodes done of `total`, each run's passes so far, ETA.
+
+    `episode_done` fits `run_suite`'s `on_done`; it may be called from several threads.
+    """
+
+    def __init__(self, total: int, line: ProgressLine) -> None:
+        self.total, self.line = total, line
+        self.passed: dict[str, tuple[int, int]] = {}
+        self.done = self.errors = 0
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+
+    def show(self, fields: dict | None = None) -> None:
+        """Draw the line as it stands (before the first episode ends, too)."""
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else math.inf
+        self.line.update(format_eval_progress(self.done, self.total, self.passed, self.errors,
+                                              eta), {"done": self.done, "total": self.total,
+                                                     **(fields or {})})
+
+    def episode_done(self, episode: Episode) -> None:
+        with self.lock:
+            self.done += 1
+            k, n = self.passed.get(episode.run, (0, 0))
+            if episode.error is None:
+                self.passed[episode.run] = (k + bool(episode.passed), n + 1)
+            else:
+                self.passed.setdefault(episode.run, (k, n))
+                self.errors += 1
+            self.show({"run": episode.run, "scenario": episode.scenario,
+                       "passed": episode.passed, "error": episode.error})
+
+    def close(self) -> None:
+        self.line.close()
 
 
 def summarize(episodes: list[Episode]) -> dict:
@@ -487,9 +531,13 @@ def _main(argv: list[str] | None) -> int:
     from sekft import generate  # torch is only needed from here on
 
     policies = generate.policies_from_args(args)
+    progress = SuiteProgress(len(scenarios) * len(policies), ProgressLine())
+    progress.show()
     episodes: list[Episode] = []
     for run, policy in policies.items():
-        episodes += run_suite(scenarios, lambda s, p=policy: p, config, run, args.jobs)
+        episodes += run_suite(scenarios, lambda s, p=policy: p, config, run, args.jobs,
+                              progress.episode_done)
+    progress.close()
     runs = write_outputs(Path(args.out), episodes, {
         k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))
     })

@@ -489,13 +489,18 @@ def _runs_cell(groups: list[tuple[str, dict]]) -> str:
 
 
 def _family_row(family: str, groups: list[tuple[str, dict]], width: int) -> str:
-    """The heading row of a family's block: its name and how many episodes each run had."""
+    """The heading row of a family's block: its name, how many episodes each run had, their
+    mean turns and the tokens generated."""
     counts = {s["episodes"] for _, s in groups}
     detail = (f"{counts.pop()} episodes per run" if len(counts) == 1 else
               ", ".join(f"{html.escape(run)} {s['episodes']} episodes" for run, s in groups))
     errors = sum(s["scenario_errors"] for _, s in groups)
     if errors:
         detail += f", {errors} scenario errors (in no rate)"
+    turns = ", ".join(f"{html.escape(run)} {s['mean_turns']:.1f}" for run, s in groups
+                      if s["mean_turns"] is not None)
+    tokens = ", ".join(f"{html.escape(run)} {s['tokens_generated']}" for run, s in groups)
+    detail += f" · mean turns: {turns}" * bool(turns) + f" · tokens generated: {tokens}"
     label = "all families" if family == "ALL" else html.escape(family)
     return f"<tr class='family'><th colspan='{width}'>{label} <small>{detail}</small></th></tr>"
 

@@ -59,7 +59,7 @@ def style(node: dict, prop: str) -> float:
 
 def episodes(run: str, family: str, passed: int, n: int, ending: str = "exit") -> list[Episode]:
     return [Episode(f"{family}-{i}", family, "heldout", "exit", run, ending=ending,
-                    passed=i < passed, turns=2, command_mode=[True, i < passed],
+                    passed=i < passed, turns=2, tokens=3, command_mode=[True, i < passed],
                     messages=[{"role": "user", "content": f"prompt {i} $ "},
                               {"role": "assistant", "content": f"reply {i} of {run}"}])
             for i in range(n)]
@@ -117,7 +117,9 @@ def test_every_family_gets_a_block_after_all_families_with_every_rate(compared):
         for cells in blocks.values():
             assert list(cells) == ["run", *(title for _, title, _, _ in rates)]
     families = find(rates_table(compared, "Rates by family"), "tr", "family")
-    assert find(families[1], "small")[0]["text"] == "10 episodes per run"
+    assert find(families[1], "small")[0]["text"] == (
+        "10 episodes per run · mean turns: base 2.0, adapter 2.0 · tokens generated: base 30, "
+        "adapter 30")
 
 
 def test_each_rate_shows_the_base_then_the_adapter_then_their_difference(compared):

@@ -19,8 +19,8 @@ EVAL_ARGS ?=
 TRAIN_SEEDS ?= 40
 HELDOUT_SEEDS ?= 5
 
-.PHONY: setup test test-slow lint data train eval demo base bench bench-load bench-train \
-        bench-mask bench-resident
+.PHONY: setup bubblewrap test test-slow lint data train eval demo base bench bench-load \
+        bench-train bench-mask bench-resident
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) bubblewrap
+
+# The eval's sandbox (and its tests) need bubblewrap: installed when we can (root with
+# apt-get; a fresh image has no package lists yet), else the command to run is printed.
+# Never fails: without it the sandboxed tests skip and sekft-eval says what to do.
+bubblewrap:
+	@if command -v bwrap >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -q bubblewrap || \
+	      { apt-get update -q && apt-get install -y -q bubblewrap; }; }; then :; \
+	else \
+	    sudo=$$([ "$$(id -u)" = 0 ] || echo "sudo "); \
+	    if command -v dnf >/dev/null; then cmd="$${sudo}dnf install -y bubblewrap"; \
+	    else cmd="$${sudo}apt-get install -y bubblewrap"; fi; \
+	    echo "sekft: bubblewrap is missing, so sandboxed evals cannot run and their tests" \
+	         "skip; install it with: $$cmd"; \
+	fi
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

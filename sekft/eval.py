@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from sekft.errors import ConfigError, ScenarioError, run_cli
 from sekft.observation import MAX_OUTPUT_BYTES, login, observe
+from sekft.progress import ProgressLine, format_eval_progress
 from sekft.sandbox import (
     SCENARIO_DIR,
     TRANSCRIPT_PATH,
@@ -235,20 +237,62 @@ def _play(episode: Episode, scenario: Scenario, policy: Policy, shell: Shell,
 
 
 def run_suite(scenarios: list[Scenario], make_policy: Callable[[Scenario], Policy],
-              config: EpisodeConfig, run: str = "model", jobs: int = 1) -> list[Episode]:
-    """Every scenario once, `jobs` at a time; scenario errors become episodes with `error`."""
+              config: EpisodeConfig, run: str = "model", jobs: int = 1,
+              on_done: Callable[[Episode], None] | None = None) -> list[Episode]:
+    """Every scenario once, `jobs` at a time; scenario errors become episodes with `error`.
+    `on_done(episode)` is called as each episode ends, from the thread that ran it."""
 
     def one(scenario: Scenario) -> Episode:
         try:
-            return run_episode(scenario, make_policy(scenario), config, run)
+            episode = run_episode(scenario, make_policy(scenario), config, run)
         except ScenarioError as e:
-            return Episode(scenario.id, scenario.family, scenario.split, scenario.expect, run,
-                           error=str(e))
+            episode = Episode(scenario.id, scenario.family, scenario.split, scenario.expect,
+                              run, error=str(e))
+        if on_done is not None:
+            on_done(episode)
+        return episode
 
     if jobs <= 1:
         return [one(s) for s in scenarios]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(one, scenarios))
+
+
+class SuiteProgress:
+    """The live line of an eval: episodes done of `total`, each run's passes so far, ETA.
+
+    `episode_done` fits `run_suite`'s `on_done`; it may be called from several threads.
+    """
+
+    def __init__(self, total: int, line: ProgressLine) -> None:
+        self.total, self.line = total, line
+        self.passed: dict[str, tuple[int, int]] = {}
+        self.done = self.errors = 0
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+
+    def show(self, fields: dict | None = None) -> None:
+        """Draw the line as it stands (before the first episode ends, too)."""
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else math.inf
+        self.line.update(format_eval_progress(self.done, self.total, self.passed, self.errors,
+                                              eta), {"done": self.done, "total": self.total,
+                                                     **(fields or {})})
+
+    def episode_done(self, episode: Episode) -> None:
+        with self.lock:
+            self.done += 1
+            k, n = self.passed.get(episode.run, (0, 0))
+            if episode.error is None:
+                self.passed[episode.run] = (k + bool(episode.passed), n + 1)
+            else:
+                self.passed.setdefault(episode.run, (k, n))
+                self.errors += 1
+            self.show({"run": episode.run, "scenario": episode.scenario,
+                       "passed": episode.passed, "error": episode.error})
+
+    def close(self) -> None:
+        self.line.close()
 
 
 def summarize(episodes: list[Episode]) -> dict:
@@ -346,45 +390,222 @@ def transcript_record(episode: Episode) -> dict:
     return {"messages": messages, **facts}
 
 
+# Rates report.html shows, grouped as on the page: (TABLE_RATES name, title, what it counts,
+# which way is better: 1 up, -1 down, 0 neither: exit and panic are each right somewhere).
+HTML_RATES = {
+    "Rates by family": (
+        ("pass", "checker pass", "check.sh accepted the final world", 1),
+        ("terminated", "ended by exit or panic", "the model ended the session itself", 1),
+        ("cmd-replies", "replies that are commands", "runnable command lines, of all replies", 1),
+        ("cmd-first", "first reply a command", "the reply to the login prompt", 1),
+        ("right-panic", "panic when expected", "of the scenarios that expect a panic", 1),
+    ),
+    "Endings by family": (
+        ("exit", "exit", "the model typed exit", 0),
+        ("panic", "panic", "the model ran panic", 0),
+        ("budget", "turn budget used up", "", -1),
+        ("context", "context used up", "the session outgrew the model", -1),
+        ("timeout", "episode timed out", "", -1),
+    ),
+}
+# Colour of each run's bars, in the page's run order (the reference run first).
+RUN_COLOURS = ("#7a8699", "#e8780c", "#3b7dd8", "#5aa25a")
+
 CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:110em}
-table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:.2em .5em}
-th{background:#eee}pre{white-space:pre-wrap;margin:.2em 0;padding:.4em;border-radius:4px}
+body{font-family:system-ui,sans-serif;margin:1.2em 1.5em;color:#222}
+h1{margin-bottom:.2em}h2{margin-top:1.6em}p.note{color:#555;margin:.3em 0;max-width:60em}
+table{border-collapse:collapse}td,th{border:1px solid #d4d4d4;padding:.35em .6em;vertical-align:top}
+th{background:#f0f0f0;text-align:left;font-weight:600}th small{font-weight:400;color:#666}
+tr.family th{background:#e4e8ef;font-size:.95em;padding-top:.5em}
+tr.family small{font-weight:400;color:#555;margin-left:.6em}
+.line{display:flex;align-items:center;gap:.45em;font-size:.82em;white-space:nowrap;height:1.6em}
+td.runs .line{color:#444}
+.track{position:relative;width:6.5em;height:.8em;background:#eee;border-radius:2px;flex:none}
+.fill{position:absolute;left:0;top:0;bottom:0;border-radius:2px}
+.ci{position:absolute;top:50%;height:0;border-top:1.5px solid #111}
+.ci::before,.ci::after{content:"";position:absolute;top:-.45em;height:.8em;
+border-left:1.5px solid #111}
+.ci::before{left:0}.ci::after{right:0}
+.pct{width:3.2em;text-align:right;font-weight:600}.ci-text{color:#666;font-size:.92em}
+.diff{color:#666}.diff b{color:#222}
+.diff.better b,b.better{color:#0a7a0a}.diff.worse b,b.worse{color:#b00}
+.diff.apart b,b.apart{color:#2456b0}
+.none{color:#999}.legend>span{margin-right:1.2em}
+.swatch{display:inline-block;width:.9em;height:.9em;border-radius:2px;flex:none;margin-right:.3em;
+vertical-align:-.1em}
+pre{white-space:pre-wrap;margin:.2em 0;padding:.4em;border-radius:4px;font-size:.85em}
 .user{background:#f4f4f4}.assistant{background:#e6f0ff;font-weight:bold}
-.pass{color:#070}.fail{color:#a00}details{margin:.3em 0}summary{cursor:pointer}
+.pass{color:#070;font-weight:600}.fail{color:#a00;font-weight:600}.error{color:#a60}
+details{margin:.1em 0}summary{cursor:pointer}table.transcripts{width:100%;table-layout:fixed}
+table.transcripts th:first-child{width:13em}
 """
 
 
-def report_html(runs: dict[str, dict], episodes: list[Episode]) -> str:
-    """One self-contained page: the rates table and every transcript."""
+def _colour(i: int) -> str:
+    return RUN_COLOURS[i % len(RUN_COLOURS)]
+
+
+def _bar(r: dict, colour: str) -> str:
+    """A rate's bar, its 95% Wilson interval as a whisker over it, and the numbers."""
+    if not r["n"]:
+        return "<span class='none'>– (nothing to count)</span>"
+    return (f"<span class='track'><span class='fill' style='width:{r['rate']:.1%};"
+            f"background:{colour}'></span><span class='ci' style='left:{r['low']:.1%};"
+            f"width:{r['high'] - r['low']:.1%}'></span></span>"
+            f"<span class='pct'>{100 * r['rate']:.0f}%</span><span class='ci-text'>"
+            f"[{100 * r['low']:.0f}–{100 * r['high']:.0f}] {r['k']}/{r['n']}</span>")
+
+
+def _difference(new: dict, old: dict, better: int) -> str:
+    """`new` - `old` in points; when the two intervals do not overlap, coloured as better,
+    worse or (`better` 0) just apart."""
+    if not (new["n"] and old["n"]):
+        return "<div class='line diff'>–</div>"
+    delta = 100 * (new["rate"] - old["rate"])
+    css = ""
+    if new["low"] > old["high"] or new["high"] < old["low"]:
+        css = "apart" if better == 0 else "better" if delta * better > 0 else "worse"
+    return f"<div class='line diff {css}'><b>{delta:+.0f} pts</b></div>"
+
+
+def _rate_cell(groups: list[tuple[str, dict]], name: str, better: int) -> str:
+    """One rate of one family: a line per run, then the difference when there are two."""
+    get = dict(TABLE_RATES)[name]
+    lines = [f"<div class='line'>{_bar(get(s), _colour(i))}</div>"
+             for i, (_, s) in enumerate(groups)]
+    if len(groups) == 2:
+        lines.append(_difference(get(groups[1][1]), get(groups[0][1]), better))
+    return "<td>" + "".join(lines) + "</td>"
+
+
+def _runs_cell(groups: list[tuple[str, dict]]) -> str:
+    """The row's labels, line for line with its rate cells."""
+    lines = [f"<div class='line'><span class='swatch' style='background:{_colour(i)}'></span>"
+             f"{html.escape(run)}</div>" for i, (run, _) in enumerate(groups)]
+    if len(groups) == 2:
+        lines.append(f"<div class='line diff'>{html.escape(groups[1][0])} − "
+                     f"{html.escape(groups[0][0])}</div>")
+    return "<td class='runs'>" + "".join(lines) + "</td>"
+
+
+def _family_row(family: str, groups: list[tuple[str, dict]], width: int) -> str:
+    """The heading row of a family's block: its name, how many episodes each run had, their
+    mean turns and the tokens generated."""
+    counts = {s["episodes"] for _, s in groups}
+    detail = (f"{counts.pop()} episodes per run" if len(counts) == 1 else
+              ", ".join(f"{html.escape(run)} {s['episodes']} episodes" for run, s in groups))
+    errors = sum(s["scenario_errors"] for _, s in groups)
+    if errors:
+        detail += f", {errors} scenario errors (in no rate)"
+    turns = ", ".join(f"{html.escape(run)} {s['mean_turns']:.1f}" for run, s in groups
+                      if s["mean_turns"] is not None)
+    tokens = ", ".join(f"{html.escape(run)} {s['tokens_generated']}" for run, s in groups)
+    detail += f" · mean turns: {turns}" * bool(turns) + f" · tokens generated: {tokens}"
+    label = "all families" if family == "ALL" else html.escape(family)
+    return f"<tr class='family'><th colspan='{width}'>{label} <small>{detail}</small></th></tr>"
+
+
+def _rates_table(runs: dict[str, dict], rates: tuple[tuple[str, str, str, int], ...]) -> str:
+    """A block per family (all families first), rates across; each cell has every run's bar,
+    one above the other, and the difference under them."""
+    order = _page_order(runs)
+    head = "".join(f"<th>{html.escape(title)}<br><small>{html.escape(hint)}</small></th>"
+                   for _, title, hint, _ in rates)
+    rows = [f"<tr><th>run</th>{head}</tr>"]
+    families = sorted({f for rep in runs.values() for f in rep["families"]})
+    for family in ["ALL", *families]:
+        groups = [(run, runs[run]["overall"] if family == "ALL"
+                   else runs[run]["families"].get(family)) for run in order]
+        groups = [(run, s) for run, s in groups if s is not None]
+        rows.append(_family_row(family, groups, len(rates) + 1))
+        rows.append("<tr>" + _runs_cell(groups)
+                    + "".join(_rate_cell(groups, name, better)
+                              for name, _, _, better in rates) + "</tr>")
+    return "<table class='rates'>" + "".join(rows) + "</table>"
+
+
+def _page_order(runs: dict[str, dict]) -> list[str]:
+    """Runs as the page shows them: with two, the reference (the second: the base in
+    `--baseline`, as in `differences`) first, so each difference reads top to bottom."""
+    names = list(runs)
+    return names[::-1] if len(names) == 2 else names
+
+
+def _verdict(e: Episode) -> str:
+    if e.error:
+        return "<span class='error'>scenario error</span>"
+    css, word = ("pass", "PASS") if e.passed else ("fail", "FAIL")
+    return (f"<span class='{css}'>{word}</span> ending {html.escape(str(e.ending))}, "
+            f"{e.turns} turns")
+
+
+def _transcript(e: Episode) -> str:
+    """One episode's cell: its verdict, and the transcript folded under it."""
     esc = html.escape
-    rows = ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
-            for row in table_rows(runs)]
+    parts = [f"<details><summary>{_verdict(e)}</summary>"]
+    if e.error:
+        parts.append(f"<pre>{esc(e.error)}</pre>")
+    parts += [f"<pre class='{esc(m['role'])}'>{esc(m['content'])}</pre>" for m in e.messages]
+    if e.panic_reason is not None:
+        parts.append(f"<p>panic reason: {esc(e.panic_reason)}</p>")
+    if e.violations:
+        parts.append(f"<p>render-contract violations: {esc('; '.join(e.violations))}</p>")
+    if e.check_output:
+        parts.append(f"<p>check.sh said:</p><pre>{esc(e.check_output)}</pre>")
+    parts.append("</details>")
+    return "<td>" + "".join(parts) + "</td>"
+
+
+def _transcripts(order: list[str], episodes: list[Episode]) -> list[str]:
+    """Per family, a row per scenario with each run's episode side by side."""
+    by_key = {(e.scenario, e.run): e for e in episodes}
+    parts = []
+    for family in sorted({e.family for e in episodes}):
+        scenarios = dict.fromkeys(e.scenario for e in episodes if e.family == family)
+        head = "".join(f"<th><span class='swatch' style='background:{_colour(i)}'></span>"
+                       f"{html.escape(run)}</th>" for i, run in enumerate(order))
+        rows = [f"<tr><th>scenario</th>{head}</tr>"]
+        for scenario in scenarios:
+            cells = "".join(_transcript(by_key[(scenario, run)]) if (scenario, run) in by_key
+                            else "<td class='none'>not run</td>" for run in order)
+            rows.append(f"<tr><td>{html.escape(scenario)}</td>{cells}</tr>")
+        parts.append(f"<h3>{html.escape(family)}</h3><table class='transcripts'>"
+                     f"{''.join(rows)}</table>")
+    return parts
+
+
+def report_html(runs: dict[str, dict], episodes: list[Episode]) -> str:
+    """One self-contained page (no scripts, no fetched files): per family, every run's
+    rates side by side as bars with their 95% Wilson intervals and, with two runs, the
+    difference; then the transcripts, each scenario's runs side by side. Every text from
+    runs, scenarios and episodes is escaped."""
+    esc = html.escape
+    order = _page_order(runs)
+    legend = "".join(f"<span><span class='swatch' style='background:{_colour(i)}'></span>"
+                     f"{esc(run)}: "
+                     f"{runs[run]['overall']['episodes']} episodes</span>"
+                     for i, run in enumerate(order))
+    title = " vs ".join(esc(run) for run in order[::-1])
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>sekft eval</title>",
-        f"<style>{CSS}</style></head><body><h1>sekft eval</h1>",
-        "<p>Rates with 95% Wilson intervals and counts.</p><table><tr>",
-        "".join(f"<th>{esc(h)}</th>" for h in HEADER), "</tr>", *rows, "</table>",
-        "<h2>Transcripts</h2>",
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>sekft eval: {title}</title><style>{CSS}</style></head><body>",
+        f"<h1>sekft eval: {title}</h1><p class='legend'>{legend}</p>",
+        "<p class='note'>Each bar is a rate; the black whisker over it is its 95% Wilson "
+        "interval, printed after it with the counts. A difference is in percentage points; "
+        "when the two intervals do not overlap it is coloured: <b class='better'>better</b>, "
+        "<b class='worse'>worse</b>, or <b class='apart'>apart</b> where neither way is "
+        "better.</p>",
     ]
-    for e in episodes:
-        verdict = ("scenario error" if e.error else
-                   f"{'PASS' if e.passed else 'FAIL'}, ending {e.ending}, {e.turns} turns")
-        css = "pass" if e.passed else "fail"
-        parts.append(f"<details><summary>[{esc(e.run)}] {esc(e.family)} / {esc(e.scenario)}: "
-                     f"<span class='{css}'>{esc(verdict)}</span></summary>")
-        if e.error:
-            parts.append(f"<pre>{esc(e.error)}</pre>")
-        for m in e.messages:
-            parts.append(f"<pre class='{esc(m['role'])}'>{esc(m['content'])}</pre>")
-        if e.panic_reason is not None:
-            parts.append(f"<p>panic reason: {esc(e.panic_reason)}</p>")
-        if e.violations:
-            parts.append(f"<p>render-contract violations: {esc('; '.join(e.violations))}</p>")
-        if e.check_output:
-            parts.append(f"<p>check.sh said:</p><pre>{esc(e.check_output)}</pre>")
-        parts.append("</details>")
-    parts.append("</body></html>")
+    for heading, rates in HTML_RATES.items():
+        parts += [f"<h2>{esc(heading)}</h2>", _rates_table(runs, rates)]
+    errors = [e for e in episodes if e.error]
+    if errors:
+        parts.append("<h2>Scenario errors</h2><p class='note'>Counted in no rate.</p><ul>")
+        parts += [f"<li>{esc(e.run)}: {esc(e.scenario)}: {esc(e.error)}</li>" for e in errors]
+        parts.append("</ul>")
+    parts += ["<h2>Transcripts</h2><p class='note'>Each scenario's runs side by side; open a "
+              "verdict to read the session.</p>", *_transcripts(order, episodes),
+              "</body></html>"]
     return "\n".join(parts)
 
 
@@ -487,9 +708,13 @@ def _main(argv: list[str] | None) -> int:
     from sekft import generate  # torch is only needed from here on
 
     policies = generate.policies_from_args(args)
+    progress = SuiteProgress(len(scenarios) * len(policies), ProgressLine())
+    progress.show()
     episodes: list[Episode] = []
     for run, policy in policies.items():
-        episodes += run_suite(scenarios, lambda s, p=policy: p, config, run, args.jobs)
+        episodes += run_suite(scenarios, lambda s, p=policy: p, config, run, args.jobs,
+                              progress.episode_done)
+    progress.close()
     runs = write_outputs(Path(args.out), episodes, {
         k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))
     })

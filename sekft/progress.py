@@ -1,13 +1,15 @@
-"""The trainer's progress line: redrawn in place on a terminal, one plain line per log otherwise."""
+"""Progress lines of training and eval: redrawn in place on a terminal, one plain line per
+update otherwise."""
 
 from __future__ import annotations
 
 import resource
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import torch
+if TYPE_CHECKING:  # sekft-eval shows progress too, and must not wait for torch to import
+    import torch
 
 
 def format_duration(seconds: float) -> str:
@@ -37,8 +39,20 @@ def format_progress(
     )
 
 
+def format_eval_progress(done: int, total: int, passed: dict[str, tuple[int, int]],
+                         errors: int, eta_s: float) -> str:
+    """One eval progress line: "episode 7/20  adapter pass 3/5  base pass 1/2  ETA 2m10s",
+    `passed` mapping each run to (passed, judged) so far; scenario errors, judged in no run,
+    are counted when there are any."""
+    runs = "".join(f"  {run} pass {k}/{n}" for run, (k, n) in passed.items())
+    failed = f"  {errors} scenario error{'s' * (errors != 1)}" if errors else ""
+    return f"episode {done}/{total}{runs}{failed}  ETA {format_duration(eta_s)}"
+
+
 def peak_memory(device: torch.device) -> int:
     """Peak bytes so far: CUDA allocator peak on a GPU, else the process's peak RSS."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     # Linux reports ru_maxrss in KiB.

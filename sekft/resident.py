@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from sekft.errors import ConfigError, ResidentError, SekftError, run_cli
+from sekft.progress import ProgressLine
 
 PROG = "sekft-resident"
 MAX_LINE = 1 << 20
@@ -679,17 +680,17 @@ def eval_job(
         max_output_bytes=opts.max_output_bytes,
         episode_timeout=opts.episode_timeout,
     )
+    policies = eval_policies(resident, opts)
+    progress = sekft_eval.SuiteProgress(len(scenarios) * len(policies),
+                                        ProgressLine(report=report))
     episodes = []
-    for run, policy in eval_policies(resident, opts).items():
+    for run, policy in policies.items():
         for first in range(0, len(scenarios), opts.jobs):
             if stop.is_set():
                 break
             group = scenarios[first : first + opts.jobs]
-            done = sekft_eval.run_suite(group, lambda s, p=policy: p, config, run, opts.jobs)
-            episodes += done
-            for episode in done:
-                outcome = episode.error or f"{episode.ending}, passed {episode.passed}"
-                report(f"{run}: {episode.scenario}: {outcome}", run=run, scenario=episode.scenario)
+            episodes += sekft_eval.run_suite(group, lambda s, p=policy: p, config, run,
+                                             opts.jobs, progress.episode_done)
     settings = {
         k: v for k, v in vars(opts).items() if isinstance(v, (str, int, float, bool, type(None)))
     }

@@ -17,6 +17,7 @@ from sekft.base import load_base
 from sekft.eval import EpisodeConfig
 from sekft.mask import encode_session
 from sekft.quant import is_4bit
+from sekft.sandbox import find_bwrap
 from sekft.scenarios import HELDOUT_FAMILIES, TRAIN_FAMILIES
 from sekft.scenarios.record import instances, record
 from sekft.scenarios.words import WORDS
@@ -26,6 +27,7 @@ from sekft.tokenizer import load_tokenizer
 SHIPPED = db.DEFAULT_BASE
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(),
                                    reason="the default base is not built (make base)")
+needs_bwrap = pytest.mark.skipif(find_bwrap() is None, reason="needs bubblewrap")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,7 @@ def test_shipped_template_renders_like_transformers():
 
 
 @needs_shipped
+@needs_bwrap
 def test_recorded_trajectories_pass_the_mask_checks_with_the_shipped_template(shipped):
     todo = instances("train", [0], [db.BASE_FAMILIES[0], db.ADAPTER_FAMILIES[0]])
     template = ChatTemplate(shipped.chat_template, shipped.special_tokens)

@@ -1,6 +1,8 @@
 """The evaluator with scripted policies standing in for the model, on the fixture scenarios."""
 
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -8,8 +10,10 @@ import pytest
 
 from sekft.eval import (
     ContextExhausted,
+    Episode,
     EpisodeConfig,
     Reply,
+    SuiteProgress,
     describe_scenarios,
     is_command,
     main,
@@ -22,6 +26,7 @@ from sekft.eval import (
     wilson,
     write_outputs,
 )
+from sekft.progress import ProgressLine
 from sekft.sandbox import find_bwrap
 from sekft.scenario import load_scenario, load_scenarios
 from sekft.shell import first_word
@@ -223,6 +228,54 @@ def test_outputs_results_transcripts_and_a_self_contained_report(tmp_path, tiny_
     assert "no key" in page and "Write the word ok" in page and "src=" not in page
     assert mask_main(["--inspect", "--data", str(tmp_path / "transcripts.jsonl"),
                       "--base", str(tiny_llama)]) == 0
+
+
+def without_eta(lines: list[str]) -> list[str]:
+    """Progress lines with their ETA checked for form and cut off (timings vary)."""
+    pattern = re.compile(r"(.*)  ETA (\?|\d+s|\d+m\d\ds|\d+h\d\dm)")
+    return [pattern.fullmatch(line).group(1) for line in lines]
+
+
+def test_suite_progress_counts_passes_per_run_and_scenario_errors_apart():
+    out = io.StringIO()
+    progress = SuiteProgress(4, ProgressLine(out))
+    progress.show()
+    for run, passed, error in [("adapter", True, None), ("adapter", None, "setup.sh exited 3"),
+                               ("base", False, None), ("base", True, None)]:
+        progress.episode_done(Episode("s", "f", "heldout", "exit", run, passed=passed,
+                                      error=error))
+    progress.close()
+    assert without_eta(out.getvalue().splitlines()) == [
+        "episode 0/4",
+        "episode 1/4  adapter pass 1/1",
+        "episode 2/4  adapter pass 1/1  1 scenario error",
+        "episode 3/4  adapter pass 1/1  base pass 0/1  1 scenario error",
+        "episode 4/4  adapter pass 1/1  base pass 1/2  1 scenario error",
+    ]
+    assert out.getvalue().splitlines()[0].endswith("ETA ?")
+    assert out.getvalue().splitlines()[-1].endswith("ETA 0s")
+
+
+@needs_bwrap
+def test_cli_shows_a_progress_line_as_episodes_end(tmp_path, capsys, monkeypatch):
+    from sekft import generate
+
+    # The same scripted policy for both runs: it passes write-done and fails blocked-key,
+    # which expects a panic.
+    policy = replay(["cat TODO", "echo ok > done", "exit"])
+    monkeypatch.setattr(generate, "policies_from_args",
+                        lambda args: {"adapter": policy, "base": policy})
+    assert main(["--base", "x", "--scenarios", str(FIXTURES), "--split", "all",
+                 "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("episode ")]
+    assert without_eta(lines) == [
+        "episode 0/4",
+        "episode 1/4  adapter pass 0/1",
+        "episode 2/4  adapter pass 1/2",
+        "episode 3/4  adapter pass 1/2  base pass 0/1",
+        "episode 4/4  adapter pass 1/2  base pass 1/2",
+    ]
 
 
 def test_cli_rejects_a_missing_scenarios_folder_in_one_line(tmp_path, capsys):

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import io
 
-from sekft.progress import ProgressLine, format_bytes, format_duration, format_progress
+from sekft.progress import (
+    ProgressLine,
+    format_bytes,
+    format_duration,
+    format_eval_progress,
+    format_progress,
+)
 
 
 class _Tty(io.StringIO):
@@ -28,6 +34,17 @@ def test_format_bytes_switches_to_gigabytes_at_one_gigabyte():
 def test_format_progress_shows_step_loss_speed_eta_and_memory():
     line = format_progress(12, 300, 1.23456, 1234.4, 245, 2**30)
     assert line == "step 12/300  loss 1.2346  1234 tok/s  ETA 4m05s  mem 1.0 GB"
+
+
+def test_format_eval_progress_shows_episodes_each_runs_passes_and_eta():
+    line = format_eval_progress(7, 20, {"adapter": (3, 5), "base": (1, 2)}, 0, 130)
+    assert line == "episode 7/20  adapter pass 3/5  base pass 1/2  ETA 2m10s"
+
+
+def test_format_eval_progress_counts_scenario_errors_apart():
+    assert format_eval_progress(0, 4, {}, 0, float("inf")) == "episode 0/4  ETA ?"
+    line = format_eval_progress(3, 4, {"model": (1, 1)}, 2, 10)
+    assert line == "episode 3/4  model pass 1/1  2 scenario errors  ETA 10s"
 
 
 def test_progress_line_redraws_in_place_on_a_tty():

@@ -22,8 +22,11 @@ import pytest
 from sekft import eval as sekft_eval
 from sekft import resident, sft
 from sekft.errors import ConfigError, DataError, ResidentError
+from sekft.sandbox import find_bwrap
 
 REPO = Path(__file__).resolve().parent.parent
+# The eval jobs below run episodes in the sandbox; the rest of this file needs no bubblewrap.
+needs_bwrap = pytest.mark.skipif(find_bwrap() is None, reason="needs bubblewrap")
 
 
 @pytest.fixture
@@ -471,7 +474,7 @@ def job_sequence(tiny_llama, tmp_path_factory):
     """Six jobs through one real server on the tiny llama: train (seed 1), train (seed 2),
     a train job on a missing data folder, an eval of the second adapter with --baseline,
     then two more trains. Records what the tests below check: base loads, base checksums,
-    each job's terminal event."""
+    each job's terminal event, the eval job's progress events."""
     import sekft.base
     import sekft.sft
 
@@ -508,19 +511,18 @@ def job_sequence(tiny_llama, tmp_path_factory):
 
         eval_args = ["--adapter", "a2", *EVAL, "--baseline", "--out", "eval"]
         evaluate = {"op": "eval", "args": eval_args, "cwd": str(work)}
-        finals = [
-            train("a1", "--seed", "1"),
-            train("a2", "--seed", "2"),
-            train("a3", "--data", "missing"),
-            ask(path, evaluate)[-1],
-            *(train(f"a{n}", "--seed", str(n)) for n in (5, 6)),
-        ]
+        finals = [train("a1", "--seed", "1"), train("a2", "--seed", "2"),
+                  train("a3", "--data", "missing")]
+        evaluated = ask(path, evaluate)
+        finals += [evaluated[-1], *(train(f"a{n}", "--seed", str(n)) for n in (5, 6))]
         after = resident.base_checksum(server.base.base.model)
         server.begin_shutdown("test over")
         thread.join(30)
-    return {"work": work, "loads": len(loads), "before": before, "after": after, "finals": finals}
+    return {"work": work, "loads": len(loads), "before": before, "after": after, "finals": finals,
+            "eval_progress": [e for e in evaluated if e["event"] == "progress"]}
 
 
+@needs_bwrap
 def test_real_jobs_run_one_after_another_on_the_resident_base(job_sequence):
     kinds = [f["event"] for f in job_sequence["finals"]]
     assert kinds == ["result", "result", "error", "result", "result", "result"]
@@ -562,6 +564,7 @@ def test_different_seeds_give_different_adapters(job_sequence):
     assert any(not torch_equal(a1[name], a2[name]) for name in a1)
 
 
+@needs_bwrap
 def test_resident_eval_gives_the_transcripts_of_a_cold_sekft_eval(job_sequence, tiny_llama):
     from sekft import eval as sekft_eval
 
@@ -586,6 +589,15 @@ def test_resident_eval_gives_the_transcripts_of_a_cold_sekft_eval(job_sequence, 
             assert ours == theirs
             compared += ours["role"] == "assistant"
     assert compared >= 2
+
+
+@needs_bwrap
+def test_resident_eval_streams_the_progress_line_of_a_cold_sekft_eval(job_sequence):
+    progress = job_sequence["eval_progress"]
+    assert [(e["done"], e["total"]) for e in progress] == [(n, 4) for n in range(1, 5)]
+    assert {e["run"] for e in progress} == {"adapter", "base"}
+    assert progress[-1]["line"].startswith("episode 4/4  adapter pass ")
+    assert " base pass " in progress[-1]["line"]
 
 
 def test_memory_after_five_jobs_is_within_a_few_percent_of_after_one(job_sequence):

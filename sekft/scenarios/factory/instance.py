@@ -31,7 +31,7 @@ from sekft.scenarios.factory.provider import (
     doc_files,
     script,
 )
-from sekft.scenarios.factory.spec import FamilySpec
+from sekft.scenarios.factory.spec import FamilySpec, validate_spec
 from sekft.scenarios.factory.vocab import Vocab
 from sekft.scenarios.factory.work import BUILDERS, Job
 from sekft.scenarios.world import Instance, expect_ending, text
@@ -47,6 +47,7 @@ def build_instance(spec: FamilySpec, seed: int, vocab: str = "open") -> Instance
     """Instance `seed` of family `spec`, its arguments drawn in `vocab` mode; validated."""
     if seed < 0:
         raise ConfigError(f"instance seed {seed}: must not be negative")
+    validate_spec(spec)
     rng = random.Random(f"sekft.factory.instance:{spec.seed}:{seed}:{vocab}")
     v = Vocab(vocab, rng)
     ending = rng.choice(spec.endings)

@@ -34,6 +34,7 @@ from sekft.demo import command, run_step
 from sekft.eval import wilson
 
 SETS = {"held-out factory families": "factory", "hand-written families": "handwritten"}
+WIDTH = 36
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,8 +108,8 @@ def row(n: int, work: Path) -> str:
     for name in SETS.values():
         k, total = passes(work / f"n{n}" / f"eval-{name}" / "results.json")
         low, high = wilson(k, total)
-        cells.append(f"{k / total:5.1%} ({k}/{total}) [{low:.1%}, {high:.1%}]")
-    return f"{n:>4}  " + "  ".join(cells)
+        cells.append(f"{k / total:5.1%} ({k}/{total}) [{low:.1%}, {high:.1%}]".ljust(WIDTH))
+    return (f"{n:>4}  " + "  ".join(cells)).rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             run_step(title, argv_, env)
     print(f"\ntransfer at {args.sessions} sessions, {args.steps} steps x {args.batch_tokens} "
           "tokens; pass rate (k/n) [95% Wilson]")
-    print("   N  " + "  ".join(SETS))
+    print(("   N  " + "  ".join(name.ljust(WIDTH) for name in SETS)).rstrip())
     for n in [int(x) for x in args.families.split(",")]:
         print(row(n, args.work))
     return 0

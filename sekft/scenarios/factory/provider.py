@@ -30,14 +30,22 @@ from sekft.scenarios.world import text
 
 DOC_DIR = "/usr/local/share/doc"
 SUMMARIES = {
-    "record": ("keep a record of values", "record values by name"),
-    "count": ("collect counts", "report counted totals"),
-    "lines": ("collect files", "hand in files"),
-    "transform": ("collect files", "hand in prepared files"),
-    "copy": ("keep track of files", "register files"),
-    "move": ("keep track of files", "register files"),
-    "rename": ("keep track of files", "register files"),
-    "send": ("send files to people", "deliver files to people"),
+    "record": ("keep a record of values", "record values by name", "a small value register"),
+    "count": ("collect counts", "report counted totals", "a tally of counts"),
+    "lines": ("collect files", "hand in files", "a drop box for files"),
+    "transform": ("collect files", "hand in prepared files", "a drop box for results"),
+    "copy": ("keep track of files", "register files", "a register of files"),
+    "move": ("keep track of files", "register files", "a register of files"),
+    "rename": ("keep track of files", "register files", "a register of files"),
+    "send": ("send files to people", "deliver files to people", "a file courier"),
+}
+HINTS = {
+    "help": ("see {name} --help", "try '{name} --help'", "run {name} --help for usage"),
+    "h": ("see {name} -h", "try '{name} -h'", "run {name} -h for usage"),
+    "helpcmd": ("see {name} help", "try '{name} help'", "run {name} help for usage"),
+    "man": ("see the manual: man {name}", "documented in man {name}", "read man {name}"),
+    "readme": ("documentation: {readme}", "see {readme}", "read {readme} for usage"),
+    "usage": ("", "", ""),
 }
 MEANINGS = {
     "key": "the name to record it under",
@@ -107,7 +115,7 @@ def _notes(spec: FamilySpec) -> str:
 
 def documentation(spec: FamilySpec) -> str:
     """The provider's documentation text in the family's layout (help, -h, usage, README)."""
-    summary = SUMMARIES[spec.work][spec.layout % 2]
+    summary = SUMMARIES[spec.work][spec.wording]
     form = usage_form(spec)
     fields = _field_lines(spec)
     width = max(len(label) for label, _ in fields)
@@ -134,7 +142,7 @@ def doc_files(spec: FamilySpec) -> dict[str, bytes]:
 
 def _man(spec: FamilySpec) -> str:
     """A roff man page; the layout decides the section names and where the fields go."""
-    summary = SUMMARIES[spec.work][spec.layout % 2]
+    summary = SUMMARIES[spec.work][spec.wording]
     lines = [f".TH {spec.name.upper()} 1", ".SH NAME", f"{spec.name} \\- {summary}",
              ".SH SYNOPSIS", ".nf", usage_form(spec), ".fi"]
     section = ("DESCRIPTION", "OPTIONS", "ARGUMENTS")[spec.layout]
@@ -154,14 +162,8 @@ def _readme(spec: FamilySpec) -> str:
 
 def hint(spec: FamilySpec) -> str:
     """What a wrong call says about where the documentation is."""
-    return {
-        "help": f"see {spec.name} --help",
-        "h": f"see {spec.name} -h",
-        "helpcmd": f"see {spec.name} help",
-        "man": f"see the manual: man {spec.name}",
-        "readme": f"documentation: {DOC_DIR}/{spec.name}/README",
-        "usage": "",
-    }[spec.docs]
+    return HINTS[spec.docs][spec.wording].format(
+        name=spec.name, readme=f"{DOC_DIR}/{spec.name}/README")
 
 
 def doc_commands(spec: FamilySpec) -> tuple[str, ...]:

@@ -45,6 +45,7 @@ GRAMMARS: dict[str, tuple[tuple[bool, str | None], ...]] = {
 DOCS: dict[str, tuple[int, ...]] = {
     style: (0, 1, 2) for style in ("help", "h", "helpcmd", "man", "readme", "usage")
 }
+WORDINGS = (0, 1, 2)  # how the documentation and the errors phrase things
 # Work kind -> variants; last one held-out (see `work` for what each does).
 WORKS: dict[str, tuple[str, ...]] = {
     "record": ("table", "colon", "grep"),
@@ -119,6 +120,7 @@ class FamilySpec:
     confirm: str | None
     docs: str
     layout: int
+    wording: int
     work: str
     variant: str
     verb: str
@@ -200,7 +202,7 @@ def family_spec(seed: int) -> FamilySpec:
     spec = FamilySpec(
         seed=seed, split=split, name=name, language=rng.choice(LANGUAGES),
         grammar=grammar, subcommand=subcommand, confirm=confirm,
-        docs=docs, layout=_variant(rng, DOCS[docs], split),
+        docs=docs, layout=_variant(rng, DOCS[docs], split), wording=rng.choice(WORDINGS),
         work=work, variant=_variant(rng, WORKS[work], split),
         verb=rng.choice(VERBS[work]),
         labels=_labels(rng, work),
@@ -228,7 +230,8 @@ def validate_spec(spec: FamilySpec) -> None:
     if spec.grammar not in GRAMMARS or (spec.subcommand, spec.confirm) not in GRAMMARS[
             spec.grammar]:
         problems.append(f"grammar {spec.parts()['grammar']} is not one the provider can parse")
-    if spec.docs not in DOCS or spec.layout not in DOCS[spec.docs]:
+    if spec.docs not in DOCS or spec.layout not in DOCS[spec.docs] or (
+            spec.wording not in WORDINGS):
         problems.append(f"documentation {spec.parts()['docs']} is not one that can be rendered")
     if spec.work not in WORKS or spec.variant not in WORKS[spec.work]:
         problems.append(f"work {spec.parts()['work']} is not one that can be asked for")
@@ -268,7 +271,7 @@ def describe(spec: FamilySpec) -> str:
         f"  provider:   {spec.name} ({spec.language}), state file {spec.state}",
         f"  grammar:    {grammar}",
         f"  fields:     {fields}",
-        f"  docs:       {spec.docs}, layout {spec.layout}",
+        f"  docs:       {spec.docs}, layout {spec.layout}, wording {spec.wording}",
         f"  directive:  {' or '.join(spec.posts)}",
         f"  work:       {spec.work} ({spec.variant})",
         f"  endings:    {' or '.join(spec.endings)}"

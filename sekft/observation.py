@@ -15,7 +15,9 @@ Every later user turn is the output of the previous command line:
 - cleaned: decoded as UTF-8 (bad bytes become U+FFFD); `\\r\\n` becomes `\\n`; ANSI escape
   sequences (CSI, OSC, two-byte ESC) are removed; a lone `\\r` returns to the start of the
   line and what follows overwrites it, as on a terminal (`10%\\r100%` shows `100%`, a CRLF
-  file shows its lines); other control characters except tab are removed.
+  file shows its lines); a backspace erases the character before it (man pages' overstrike
+  bold `N\\bN` and underline `_\\bN` read as `N`); other control characters except tab
+  are removed.
 - capped: at most `max_bytes` UTF-8 bytes of output; a longer output keeps its first and
   last `max_bytes // 2` bytes around the line `[... N bytes omitted ...]`, where N counts
   the cleaned bytes dropped plus the raw bytes the shell reader had already dropped.
@@ -39,12 +41,13 @@ ANSI_RE = re.compile(
     r"|\x1b[@-Z\\-_]"  # two-byte escapes
 )
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+OVERSTRIKE_RE = re.compile(r"[^\n]\x08")
 
 
 def clean(raw: bytes) -> str:
     """Terminal bytes -> the text a reader of the terminal would see (rules in the docstring)."""
     text = raw.decode("utf-8", "replace").replace("\r\n", "\n")
-    text = ANSI_RE.sub("", text)
+    text = OVERSTRIKE_RE.sub("", ANSI_RE.sub("", text))
     return CONTROL_RE.sub("", "\n".join(overwrite(line) for line in text.split("\n")))
 
 

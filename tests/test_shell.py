@@ -154,6 +154,11 @@ def test_clean_strips_ansi_and_applies_carriage_returns():
     assert clean(raw) == "red\n100%\ndone\n"
 
 
+def test_clean_reads_man_page_overstrike_as_plain_text():
+    raw = b"N\x08NA\x08AM\x08ME\x08E\r\n  -\x08--\x08-y\x08ye\x08es\x08s _\x08f_\x08i_\x08le\r\n"
+    assert clean(raw) == "NAME\n  --yes file\n"
+
+
 @pytest.mark.parametrize(("line", "shown"), [
     ("10%\r50%\r100%", "100%"), ("hello\rJ", "Jello"), ("crlf file line\r", "crlf file line"),
 ])

@@ -9,6 +9,8 @@ the discovery, the work and ends with `exit` or `panic`. Arguments the expert co
 what it read are words of a closed list (`words`).
 
 The split (train / held-out) is defined in `split` and printed by `describe_split()`.
+Families generated from a seed rather than written by hand are in `factory`; these twelve
+are then a second held-out set.
 """
 
 from __future__ import annotations

@@ -15,18 +15,18 @@ typed before any observation showed them at all. For an expert episode it must b
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sekft.errors import ScenarioError
 from sekft.scenarios.words import WORDS
-from sekft.scenarios.world import Instance
 
 TOKEN_RE = re.compile(r"[a-z]+|[0-9]+")
 WORD_SET = frozenset(WORDS)
 
 
-def expert_policy(instance: Instance) -> Callable[[list[dict]], str]:
-    """A policy (messages so far -> next command line) replaying `instance.commands`.
+def expert_policy(commands: Sequence[str], scenario: str) -> Callable[[list[dict]], str]:
+    """A policy (messages so far -> next command line) replaying the expert's `commands`
+    (`Instance.commands`, or meta "expert" of a written scenario).
 
     It raises ScenarioError if asked for more turns than the solution has: the episode
     should have ended at its final `exit` or `panic`.
@@ -34,11 +34,11 @@ def expert_policy(instance: Instance) -> Callable[[list[dict]], str]:
 
     def policy(messages: list[dict]) -> str:
         turn = sum(m["role"] == "assistant" for m in messages)
-        if turn >= len(instance.commands):
-            raise ScenarioError(f"{instance.id}: the expert's solution ended at turn "
-                                f"{len(instance.commands)} but the episode went on; the "
-                                f"family {instance.family!r} has a bug")
-        return instance.commands[turn]
+        if turn >= len(commands):
+            raise ScenarioError(f"{scenario}: the expert's solution ended at turn "
+                                f"{len(commands)} but the episode went on; its family "
+                                "has a bug")
+        return commands[turn]
 
     return policy
 

@@ -9,6 +9,10 @@ copied was on screen first. One JSONL line per episode, in the training-data for
      "scenario": id, "family": ..., "split": ..., "seed": ..., "expect": ..., "ending": ...}
 
     python -m sekft.scenarios.record --split train --seeds 50 --out data/train.jsonl
+    python -m sekft.scenarios.record --split train --scenarios DIR --out data/train.jsonl
+
+The second form records scenario folders already written (by `python -m sekft.scenarios`
+or the factory, `python -m sekft.scenarios.factory`): each carries its expert's commands.
 
 There is no --no-sandbox: the families' providers keep their state under /usr/local, which
 only the sandbox maps into the world; unconfined they would write to this machine's.
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from sekft.errors import ConfigError, ScenarioError, run_cli
 from sekft.eval import EpisodeConfig, run_episode
-from sekft.scenario import load_scenario
+from sekft.scenario import Scenario, load_scenario, load_scenarios
 from sekft.scenarios import build, choose_families, describe_split
 from sekft.scenarios.expert import expert_policy, unseen_words
 from sekft.scenarios.world import Instance, write_scenario
@@ -40,19 +44,29 @@ def record_instance(instance: Instance, config: EpisodeConfig) -> dict:
     never saw: either is a bug in the family, and such an episode must not become data.
     """
     with tempfile.TemporaryDirectory(prefix="sekft-record-") as tmp:
-        scenario = load_scenario(write_scenario(instance, tmp))
-        episode = run_episode(scenario, expert_policy(instance), config, run="expert")
+        return record_scenario(load_scenario(write_scenario(instance, tmp)), config)
+
+
+def record_scenario(scenario: Scenario, config: EpisodeConfig) -> dict:
+    """`record_instance` for a scenario folder carrying its expert's commands in
+    scenario.json's meta ("expert"), as the built-in suite and the factory write them."""
+    commands = scenario.meta.get("expert")
+    if not (isinstance(commands, list) and commands
+            and all(isinstance(c, str) for c in commands)):
+        raise ScenarioError(f"{scenario.path}/scenario.json: meta has no 'expert' list of "
+                            "command lines; only generated scenarios can be recorded")
+    episode = run_episode(scenario, expert_policy(commands, scenario.id), config, run="expert")
     if not episode.passed:
-        raise ScenarioError(f"{instance.id}: the expert failed its checker (ending "
+        raise ScenarioError(f"{scenario.id}: the expert failed its checker (ending "
                             f"{episode.ending}): {episode.check_output.strip()!r}; the family "
-                            f"{instance.family!r} has a bug")
+                            f"{scenario.family!r} has a bug")
     unseen = unseen_words(episode.messages)
     if unseen:
-        raise ScenarioError(f"{instance.id}: the expert types {unseen} (message index, word) "
+        raise ScenarioError(f"{scenario.id}: the expert types {unseen} (message index, word) "
                             "before any observation shows it; the family has a bug")
-    return {"messages": episode.messages, "scenario": instance.id, "family": instance.family,
-            "split": instance.split, "seed": instance.seed, "expect": instance.expect,
-            "ending": episode.ending}
+    return {"messages": episode.messages, "scenario": scenario.id, "family": scenario.family,
+            "split": scenario.split, "seed": scenario.meta.get("seed"),
+            "expect": scenario.expect, "ending": episode.ending}
 
 
 def instances(split: str, seeds: Iterable[int], families: Iterable[str]) -> list[Instance]:
@@ -60,12 +74,20 @@ def instances(split: str, seeds: Iterable[int], families: Iterable[str]) -> list
     return [build(family, seed, split) for family in families for seed in seeds]
 
 
-def record(todo: list[Instance], config: EpisodeConfig, jobs: int = 1) -> list[dict]:
-    """Trajectories of `todo`, in order, `jobs` episodes at a time."""
+def record(todo: list[Instance] | list[Scenario], config: EpisodeConfig,
+           jobs: int = 1) -> list[dict]:
+    """Trajectories of `todo` (instances, or scenario folders with an expert), in order,
+    `jobs` episodes at a time."""
+
+    def one(item: Instance | Scenario) -> dict:
+        if isinstance(item, Scenario):
+            return record_scenario(item, config)
+        return record_instance(item, config)
+
     if jobs <= 1:
-        return [record_instance(i, config) for i in todo]
+        return [one(i) for i in todo]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(lambda i: record_instance(i, config), todo))
+        return list(pool.map(one, todo))
 
 
 def write_jsonl(records: list[dict], out: Path) -> None:
@@ -88,7 +110,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 description="Record expert trajectories of the built-in "
                                             "scenario families as training data (JSONL).")
     p.add_argument("--split", choices=("train", "heldout"), required=True)
-    p.add_argument("--seeds", type=int, required=True, help="seeds per family")
+    p.add_argument("--seeds", type=int, help="seeds per family")
+    p.add_argument("--scenarios", type=Path,
+                   help="record the scenario folders (of --split) under this folder instead, "
+                        "e.g. factory output")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--families", default=None,
                    help="comma-separated subset of the split's families (default: all)")
@@ -100,13 +125,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    families = choose_families(args.split, args.families)
-    if args.seeds <= 0 or args.first_seed < 0 or args.jobs <= 0:
-        raise ConfigError("--seeds and --jobs must be positive and --first-seed not negative")
-    print(describe_split(), file=sys.stderr)
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    records = record(instances(args.split, seeds, families),
-                     EpisodeConfig(sandbox=True), args.jobs)
+    if args.jobs <= 0:
+        raise ConfigError("--jobs must be positive")
+    if args.scenarios is not None:
+        if args.seeds is not None or args.families is not None:
+            raise ConfigError("--scenarios records the folders given; leave out --seeds and "
+                              "--families")
+        todo = load_scenarios(args.scenarios, args.split)
+        families = sorted({s.family for s in todo})
+    else:
+        families = choose_families(args.split, args.families)
+        if args.seeds is None or args.seeds <= 0 or args.first_seed < 0:
+            raise ConfigError("give --seeds (positive; --first-seed not negative), or "
+                              "--scenarios DIR")
+        print(describe_split(), file=sys.stderr)
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        todo = instances(args.split, seeds, families)
+    records = record(todo, EpisodeConfig(sandbox=True), args.jobs)
     write_jsonl(records, args.out)
     turns = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
     print(f"wrote {len(records)} {args.split} trajectories ({turns} commands) of "

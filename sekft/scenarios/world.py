@@ -44,7 +44,9 @@ class Instance:
     the expert's whole episode, discovery first, ending with `exit` or `panic "..."`. `key` is
     what the task asks for (the arguments the answer depends on): the split keeps the keys of
     held-out instances apart from those of training ones. The turn budget is the expert's
-    length plus TURN_SLACK, room to explore and to recover from a mistake.
+    length plus TURN_SLACK, room to explore and to recover from a mistake. The expert's
+    commands are also written to scenario.json's meta (which the model never sees), so a
+    scenario folder alone can be recorded (`record --scenarios`).
     """
 
     family: str
@@ -73,7 +75,7 @@ class Instance:
             "turn_budget": len(self.commands) + TURN_SLACK,
             "command_timeout": COMMAND_TIMEOUT,
             "description": self.description,
-            "meta": {"seed": self.seed, "key": list(self.key)},
+            "meta": {"seed": self.seed, "key": list(self.key), "expert": list(self.commands)},
         }
 
 

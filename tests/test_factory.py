@@ -1,0 +1,364 @@
+"""The scenario factory: family specs from a seed, instances with experts, the split."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from sekft.data import read_sessions
+from sekft.errors import ConfigError
+from sekft.eval import EpisodeConfig, describe_scenarios, replay, run_episode
+from sekft.sandbox import find_bwrap
+from sekft.scenario import load_scenario, load_scenarios
+from sekft.scenarios.factory import build, family_seeds, family_spec, generate, split_of
+from sekft.scenarios.factory import instance as factory_instance
+from sekft.scenarios.factory.__main__ import main as factory_main
+from sekft.scenarios.factory.instance import build_instance
+from sekft.scenarios.factory.provider import REFUSALS, doc_commands
+from sekft.scenarios.factory.spec import (
+    BLOCKERS,
+    DOCS,
+    ENDING_SETS,
+    GRAMMARS,
+    HELDOUT_SHARE,
+    POSTS,
+    WORKS,
+    shares_no_spec_part,
+)
+from sekft.scenarios.factory.vocab import Vocab
+from sekft.scenarios.record import main as record_main
+from sekft.scenarios.record import record
+from sekft.scenarios.words import WORDS
+from sekft.scenarios.world import write_scenario
+
+needs_bwrap = pytest.mark.skipif(find_bwrap() is None, reason="needs bubblewrap")
+TRAIN = family_seeds("train", 300)
+HELDOUT = family_seeds("heldout", 75)
+
+
+def folder_bytes(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mode, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def family_where(ending: str, **want) -> int:
+    """The first family seed whose spec allows `ending` and has the fields in `want`."""
+    return next(s for s in range(1000) if ending in family_spec(s).endings
+                and all(getattr(family_spec(s), k) == v for k, v in want.items()))
+
+
+def with_ending(seed: int, ending: str, instance_seed: int = 0):
+    """Instance `instance_seed` of family `seed`, forced to `ending`."""
+    return build_instance(replace(family_spec(seed), endings=(ending,)), instance_seed)
+
+
+def play(instance, commands, tmp_path):
+    scenario = load_scenario(write_scenario(instance, tmp_path))
+    return run_episode(scenario, replay(commands), EpisodeConfig())
+
+
+# Family specs
+
+
+def test_family_spec_is_a_pure_function_of_its_seed():
+    assert [family_spec(s) for s in range(50)] == [family_spec(s) for s in range(50)]
+
+
+def test_dimensions_vary_independently_over_family_seeds():
+    specs = [family_spec(s) for s in range(400)]
+    assert {s.grammar for s in specs} == set(GRAMMARS)
+    assert {s.docs for s in specs} == set(DOCS)
+    assert {s.work for s in specs} == set(WORKS)
+    assert {p for s in specs for p in s.posts} == set(POSTS)
+    assert {s.endings for s in specs} == set(ENDING_SETS)
+    assert {s.language for s in specs} == {"bash", "python"}
+    assert {s.confirm is None for s in specs} == {True, False}
+    assert {s.subcommand for s in specs} == {True, False}
+    # independent: each pair of grammar style and work kind is met
+    assert len({(s.grammar, s.work) for s in specs}) == len(GRAMMARS) * len(WORKS)
+
+
+def test_provider_names_are_distinct_over_families():
+    names = Counter(family_spec(s).name for s in range(300))
+    assert len(names) >= 290
+
+
+def test_show_prints_every_dimension_of_a_family(capsys):
+    assert factory_main(["--show", "3"]) == 0
+    out = capsys.readouterr().out
+    spec = family_spec(3)
+    for text in (spec.name, spec.grammar, spec.docs, spec.work, spec.variant, spec.state,
+                 spec.split, *spec.posts):
+        assert text in out
+
+
+# The split
+
+
+def test_split_is_by_family_seed_and_about_one_in_five_held_out():
+    share = sum(split_of(s) == "heldout" for s in range(2000)) / 2000
+    assert abs(share - 1 / HELDOUT_SHARE) < 0.03
+    assert all(family_spec(s).split == "train" for s in TRAIN)
+    assert all(family_spec(s).split == "heldout" for s in HELDOUT)
+    assert not set(TRAIN) & set(HELDOUT)
+
+
+def test_heldout_families_share_no_spec_part_with_training_families():
+    train, heldout = [family_spec(s) for s in TRAIN], [family_spec(s) for s in HELDOUT]
+    for part in ("grammar", "docs", "work"):
+        assert not {s.parts()[part] for s in train} & {s.parts()[part] for s in heldout}, part
+    assert all(shares_no_spec_part(h, t) for h in heldout for t in train)
+
+
+def test_training_meets_every_kind_that_heldout_families_use():
+    train, heldout = [family_spec(s) for s in TRAIN], [family_spec(s) for s in HELDOUT]
+    for kind in ("grammar", "docs", "work"):
+        assert {getattr(s, kind) for s in heldout} <= {getattr(s, kind) for s in train}
+
+
+def test_shares_no_spec_part_sees_one_shared_part():
+    a = family_spec(HELDOUT[0])
+    assert shares_no_spec_part(a, family_spec(TRAIN[0]))
+    assert not shares_no_spec_part(a, replace(family_spec(TRAIN[0]), docs=a.docs,
+                                              layout=a.layout))
+
+
+def test_instances_take_the_split_of_their_family():
+    assert {build(s, 0).split for s in TRAIN[:20]} == {"train"}
+    assert {build(s, 0).split for s in HELDOUT[:5]} == {"heldout"}
+
+
+# Instances
+
+
+def test_same_seeds_write_byte_identical_scenario_folders(tmp_path):
+    for family in range(12):
+        for vocab in ("open", "closed"):
+            a = generate(family, 4, tmp_path / f"a-{vocab}", vocab)
+            b = generate(family, 4, tmp_path / f"b-{vocab}", vocab)
+            assert folder_bytes(a) == folder_bytes(b)
+
+
+def test_instance_seeds_vary_the_arguments_and_the_world():
+    for family in range(10):
+        instances = [build(family, seed) for seed in range(8)]
+        assert len({i.key for i in instances}) >= 6
+        assert len({tuple(sorted(i.files.items())) for i in instances}) == 8
+
+
+def test_closed_vocabulary_arguments_are_closed_list_words_or_small_numbers():
+    for family in range(40):
+        key = build(family, 0, "closed").key
+        for part in key[:-1]:
+            for token in str(part).replace("/", " ").replace(".", " ").split():
+                assert token in WORDS or token.isdigit() or token in (
+                    "txt", "docs", "inbox", "shared", "work", "archive", "backup", "copy",
+                    "move", "rename", "sort", "sed", "awk", "sort-u", "named", "address",
+                    "lookup"), (family, key)
+
+
+def test_open_vocabulary_invents_names_outside_the_closed_list():
+    names = [str(part) for family in range(40) for part in build(family, 0, "open").key
+             if isinstance(part, str)]
+    assert sum(name in WORDS for name in names) < len(names) // 10
+
+
+def test_every_expert_reads_the_directive_before_it_works():
+    for family in range(60):
+        instance = build(family, 0)
+        assert instance.commands[0].split()[0] in ("ls", "cat")
+
+
+def test_expert_reads_the_providers_own_documentation():
+    for family in range(60):
+        spec = family_spec(family)
+        commands = build(family, 0).commands
+        assert set(doc_commands(spec)) <= set(commands) or spec.docs == "usage"
+
+
+def test_written_scenario_carries_its_expert_in_meta(tmp_path):
+    instance = build(5, 1)
+    folder = write_scenario(instance, tmp_path)
+    meta = json.loads((folder / "scenario.json").read_text())["meta"]
+    assert meta["expert"] == list(instance.commands)
+
+
+def test_impossible_spec_is_rejected_with_one_line_naming_the_seed():
+    spec = replace(family_spec(7), layout=9)
+    with pytest.raises(ConfigError) as e:
+        build_instance(spec, 0)
+    assert "family seed 7" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_directive_naming_a_missing_file_is_rejected_naming_both_seeds(monkeypatch):
+    family = next(s for s in range(100) if family_spec(s).work == "record")
+    real = factory_instance.BUILDERS["record"]
+    monkeypatch.setitem(factory_instance.BUILDERS, "record",
+                        lambda *a: replace(real(*a), files={}))
+    with pytest.raises(ConfigError, match=rf"family seed {family}, instance seed 3: the "
+                                          r"directive names data/\S+, which the world lacks"):
+        build(family, 3)
+
+
+def test_expert_ending_against_the_checker_is_rejected():
+    family = family_where("success")
+    spec = replace(family_spec(family), endings=("success",))
+    instance = build_instance(spec, 0)
+    job = replace(factory_instance.BUILDERS[spec.work](*_job_args(spec)), needs=())
+    with pytest.raises(ConfigError, match=f"family seed {family}, instance seed 0: the expert "
+                                          "ends with"):
+        factory_instance.validate_instance(
+            spec, replace(instance, commands=(*instance.commands[:-1], 'panic "x"')), job)
+
+
+def _job_args(spec):
+    rng = random.Random(0)
+    return rng, Vocab("open", rng), spec.variant, spec.name
+
+
+# The CLI, sekft-eval and the recorder
+
+
+def test_factory_cli_writes_loadable_scenarios_of_the_split(tmp_path, capsys):
+    code = factory_main(["--families", "3", "--seeds", "2", "--split", "heldout",
+                         "--out", str(tmp_path)])
+    scenarios = load_scenarios(tmp_path, split="heldout")
+    assert code == 0
+    assert len(scenarios) == 6
+    assert {s.family for s in scenarios} == {family_spec(s).family for s in HELDOUT[:3]}
+    assert "wrote 6 heldout scenarios of 3 factory families" in capsys.readouterr().err
+    assert "heldout: " in describe_scenarios(scenarios)
+
+
+def test_factory_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    assert factory_main(["--families", "0", "--seeds", "1", "--split", "train",
+                         "--out", str(tmp_path)]) == 1
+    assert factory_main(["--seeds", "1", "--split", "train", "--out", str(tmp_path)]) == 1
+    assert factory_main(["--show", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 3 and "Traceback" not in err
+
+
+@needs_bwrap
+def test_recorder_takes_factory_folders(tmp_path, capsys):
+    factory_main(["--families", "2", "--seeds", "1", "--split", "train", "--vocab", "closed",
+                  "--out", str(tmp_path / "scenarios")])
+    out = tmp_path / "train.jsonl"
+    code = record_main(["--split", "train", "--scenarios", str(tmp_path / "scenarios"),
+                        "--out", str(out)])
+    sessions = read_sessions(out)
+    assert code == 0
+    assert sorted(s.extra["family"] for s in sessions) == sorted(
+        family_spec(s).family for s in TRAIN[:2])
+    assert "wrote 2 train trajectories" in capsys.readouterr().err
+
+
+def test_recorder_refuses_a_folder_without_an_expert(tmp_path, capsys):
+    folder = write_scenario(build(1, 0), tmp_path / "s")
+    data = json.loads((folder / "scenario.json").read_text())
+    del data["meta"]["expert"]
+    (folder / "scenario.json").write_text(json.dumps(data))
+    code = record_main(["--split", data["split"], "--scenarios", str(tmp_path / "s"),
+                        "--out", str(tmp_path / "x.jsonl")])
+    assert code == 1
+    assert "no 'expert'" in capsys.readouterr().err
+
+
+# Experts and endings through the sandbox
+
+
+def sweep(families, seeds, vocab="open", jobs=4):
+    todo = [build(f, s, vocab) for f in families for s in seeds]
+    records = record(todo, EpisodeConfig(), jobs=jobs)
+    assert [r["ending"] for r in records] == [i.expect for i in todo]
+    return todo
+
+
+@needs_bwrap
+def test_experts_pass_their_checkers_on_ten_families():
+    todo = sweep([*range(8), *HELDOUT[:2]], range(3))
+    assert {i.expect for i in todo} == {"exit", "panic"}
+    assert {family_spec(int(i.family[2:].split("-")[0])).language for i in todo} == {
+        "bash", "python"}
+
+
+@needs_bwrap
+def test_experts_pass_with_the_closed_vocabulary():
+    sweep(range(10), range(1), vocab="closed")
+
+
+@needs_bwrap
+@pytest.mark.slow
+def test_experts_pass_their_checkers_on_two_hundred_families():
+    sweep(range(200), range(3))
+    sweep(range(200), range(3), vocab="closed")
+
+
+@needs_bwrap
+@pytest.mark.parametrize("language", ["bash", "python"])
+def test_exit_where_panic_is_due_fails(language, tmp_path):
+    family = family_where("blocked", language=language)
+    instance = with_ending(family, "blocked")
+    episode = play(instance, [*instance.commands[:-1], "exit"], tmp_path)
+    assert episode.ending == "exit" and episode.passed is False
+
+
+@needs_bwrap
+@pytest.mark.parametrize("ending", ["success", "recover"])
+def test_panic_where_the_work_was_doable_fails(ending, tmp_path):
+    instance = with_ending(family_where(ending), ending)
+    episode = play(instance, [*instance.commands[:-1], 'panic "cannot do it"'], tmp_path)
+    assert episode.ending == "panic" and episode.passed is False
+
+
+@needs_bwrap
+def test_panic_before_trying_the_blocked_tool_fails(tmp_path):
+    spec = family_spec(family_where("blocked"))
+    instance = with_ending(spec.seed, "blocked")
+    before_call = list(instance.commands[:-2])
+    episode = play(instance, [*before_call, instance.commands[-1]], tmp_path)
+    assert episode.ending == "panic" and episode.passed is False
+
+
+@needs_bwrap
+@pytest.mark.parametrize("blocker", BLOCKERS)
+def test_blocked_expert_panics_after_the_tool_refused_and_passes(blocker, tmp_path):
+    spec = family_spec(family_where("blocked", blocker=blocker))
+    instance = with_ending(spec.seed, "blocked")
+    episode = play(instance, instance.commands, tmp_path)
+    assert episode.ending == "panic" and episode.passed is True
+    refusal = REFUSALS[blocker].format(name=spec.name)
+    assert refusal in episode.messages[-2]["content"]
+
+
+@needs_bwrap
+def test_recover_expert_meets_an_error_then_passes(tmp_path):
+    for confirm in (True, False):
+        family = next(s for s in range(1000) if "recover" in family_spec(s).endings
+                      and (family_spec(s).confirm is not None) == confirm)
+        instance = with_ending(family, "recover")
+        episode = play(instance, instance.commands, tmp_path / str(confirm))
+        assert episode.passed is True
+        assert any(status not in (0, None) for status in episode.statuses)
+
+
+@needs_bwrap
+def test_bash_and_python_providers_answer_alike(tmp_path):
+    for family in (0, 1, 2, 3, 6):
+        spec = family_spec(family)
+        probes = [f"{spec.name} --help", f"{spec.name} -h", f"{spec.name} help", spec.name,
+                  f"{spec.name} bogus --x", f"{spec.name} {spec.verb} a=b c"]
+        transcripts = []
+        for language in ("bash", "python"):
+            instance = build_instance(replace(spec, language=language, endings=("success",)),
+                                      0)
+            episode = play(instance, [*probes, *instance.commands],
+                           tmp_path / f"{family}-{language}")
+            assert episode.passed is True
+            transcripts.append(episode.messages)
+        assert transcripts[0] == transcripts[1]

@@ -78,8 +78,8 @@ class Group:
     ) -> tuple[float, bool]:
         """Sum every parameter's gradient over the ranks, in place (a missing gradient counts
         as zero: a rank may have had no row this step). Also sums `loss_sum` and agrees on
-        `stop` (any rank asked to stop: all stop after this step, so no rank is left waiting
-        in a collective of a step the others skip). Returns (global loss_sum, stop)."""
+        `stop` (asked on any rank), so all ranks see the step as the last alike. Returns
+        (global loss_sum, stop on any rank)."""
         if self.world == 1:
             return loss_sum, stop
         for p in params:
@@ -98,6 +98,14 @@ class Group:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
         return float(flat[-2]), bool(flat[-1] > 0)
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank (a stop asked on one rank stops them all)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=_comm_device())
+        _all_reduce(t, self, "the stop requests")
+        return bool(t.item() > 0)
 
     def sum_pair(self, total: float, count: int) -> tuple[float, int]:
         """(sum of `total`, sum of `count`) over the ranks: a loss summed over their rows."""

@@ -518,15 +518,13 @@ def train(
                 # gradient the mean over its trained tokens, however they were packed.
                 (row_loss / n_trained).backward()
                 loss_sum += row_loss.item()
-            loss_sum, stopping = ranks.sum_gradients(params, loss_sum, stop.is_set())
-            if stopping:
-                stop.set()
+            loss_sum, asked = ranks.sum_gradients(params, loss_sum, stop.is_set())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss = loss_sum / n_trained
 
-            last = step == total or stop.is_set()
+            last = step == total or asked
             tokens = sum(row_tokens)
             tokens_done += tokens
             elapsed = time.perf_counter() - started
@@ -551,7 +549,10 @@ def train(
                                                 record["peak_memory"]), record)
             if "val_loss" in record:
                 progress.message(f"step {step}: validation loss {val_loss:.4f}")
-            if (cfg.save_every and step % cfg.save_every == 0) or last or stop.is_set():
+            # Asked again after the progress lines (a report may ask to stop): all ranks save
+            # and end together, none is left waiting in the next step's collectives.
+            stopping = ranks.any(stop.is_set())
+            if (cfg.save_every and step % cfg.save_every == 0) or last or stopping:
                 state = {"step": step, "plan": _plan_id(cfg, lengths, total),
                          "scheduler": {"warmup": warmup, "total": total, "last_lr": lr},
                          "world_size": ranks.world}
@@ -559,7 +560,7 @@ def train(
                     saved = save_checkpoint(out, step, write_weights, optimizer, state)
                     progress.message(f"saved {saved}")
                 ranks.barrier("the checkpoint save")
-            if stop.is_set():
+            if stopping:
                 break
     progress.close()
     model.eval()  # a resident base goes back to serving: no dropout

@@ -392,7 +392,9 @@ def check_same_run(out: Path, run: dict) -> None:
 def ctrl_c_requests_stop(stop: threading.Event):
     """While active, Ctrl-C sets `stop` (the loop saves and ends after the current step); a
     second Ctrl-C interrupts at once. Only the main thread can own signals: elsewhere (the
-    resident server's worker) the caller sets `stop` itself."""
+    resident server's worker) the caller sets `stop` itself. Under torchrun, SIGTERM does the
+    same: torchrun passes the signal it gets (SIGINT, or a scheduler's SIGTERM) on to every
+    rank, and kills them 30 s later."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -402,11 +404,13 @@ def ctrl_c_requests_stop(stop: threading.Event):
             raise KeyboardInterrupt
         stop.set()
 
-    previous = signal.signal(signal.SIGINT, handle)
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if distributed.launched() else [])
+    previous = {s: signal.signal(s, handle) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass

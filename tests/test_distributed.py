@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from test_sft import write_sessions
 
 from sekft import sft
-from sekft.distributed import share
+from sekft.distributed import Group, share
 from sekft.sandbox import find_bwrap
 from sekft.sft import TrainConfig, train
 
@@ -51,6 +51,14 @@ def test_share_balances_tokens_as_well_as_any_cut_between_two_ranks(rows, world)
 def test_share_leaves_a_rank_empty_when_a_step_has_fewer_rows_than_ranks():
     assert [share([500], 2, r) for r in range(2)] == [[0], []]
     assert [share([100, 100, 100, 100], 2, r) for r in range(2)] == [[0, 1], [2, 3]]
+
+
+def test_each_rank_trains_on_the_gpu_of_its_local_rank():
+    second = Group(rank=3, world=4, local_rank=1)
+    assert second.device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert second.device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # asked for
+    assert second.device(torch.device("cpu")) == torch.device("cpu")
+    assert Group().device(torch.device("cuda")) == torch.device("cuda")
 
 
 # ---------------------------------------------------------------- running ranks
@@ -223,6 +231,27 @@ def test_a_one_process_run_resumed_on_two_ranks_continues_the_same_steps(runs, t
     a, b = adapter(one), adapter(cfg.out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_torchrun_saves_a_checkpoint_every_rank_agrees_on(tiny_llama, tmp_path, sig):
+    cfg = config(tiny_llama, tmp_path, max_steps=10_000, save_every=0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "sekft.sft", *cli(cfg)]
+    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("step 2/"):
+                proc.send_signal(sig)
+                break
+        err = proc.stderr.read()
+        proc.wait(timeout=LIMIT)
+    finally:
+        proc.kill()
+    step = int(err.split("stopped at step ")[1].split("/")[0])
+    assert (Path(cfg.out) / f"checkpoint-{step}" / "trainer_state.json").exists()
+    assert [m["step"] for m in metrics(cfg.out)][-1] == step
 
 
 # ---------------------------------------------------------------- a rank that dies

@@ -486,6 +486,8 @@ def _main(argv: list[str] | None) -> int:
     suite = evalshard.suite_id([s.id for s in scenarios])
     if args.shard:
         scenarios = evalshard.select_shard(scenarios, *evalshard.parse_shard(args.shard))
+        print(f"shard {args.shard}: {len(scenarios)} of the suite's {suite['scenarios']} "
+              "scenarios")
     print(describe_scenarios(scenarios))
     if args.no_sandbox:
         warn_no_sandbox()

@@ -677,6 +677,8 @@ def config_from_args(argv: list[str] | None) -> TrainConfig:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError("--val-fraction must be in [0, 1)")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError("--dist-timeout must be a positive number of seconds")
     return cfg
 
 

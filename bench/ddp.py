@@ -127,8 +127,11 @@ def main() -> int:
           "the number of ranks (not measured here).")
     if whole < per_rank:
         print(f"Here 1 process x {args.threads} threads ran slower than x {half}: other work "
-              "holds the cores and the threads of one process wait on each other, so the first "
-              "ratio measures that contention, not data parallelism; read the second.")
+              "holds the cores and the threads of one process wait for each other, so the "
+              "first ratio measures that contention, not data parallelism. The second compares "
+              "ranks and a process of the same thread count, but on a shared machine two "
+              "processes also get more of the scheduler's time: neither is a clean overhead "
+              "figure here.")
     return 0 if same else 1
 
 

@@ -254,7 +254,7 @@ def policies_from_args(args: argparse.Namespace) -> dict[str, Policy]:
     if args.endpoint:
         sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
         names = [args.model] + ([args.baseline_model] if args.baseline else [])
-        urls = [url for url in args.endpoint.split(",") if url]
+        urls = args.endpoint.split(",")
         return {name: EndpointPool([EndpointPolicy(url, name, sampling) for url in urls])
                 for name in names}
     from sekft.base import DTYPES, load_base

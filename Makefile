@@ -20,7 +20,7 @@ TRAIN_SEEDS ?= 40
 HELDOUT_SEEDS ?= 5
 
 .PHONY: setup bubblewrap test test-slow lint data train eval demo base bench bench-load \
-        bench-train bench-mask bench-resident
+        bench-train bench-mask bench-resident bench-ddp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,7 +76,7 @@ demo: $(STAMP)
 base: $(STAMP)
 	$(PY) -m sekft.default_base
 
-bench: bench-load bench-mask bench-train bench-resident
+bench: bench-load bench-mask bench-train bench-resident bench-ddp
 
 bench-load: $(STAMP)
 	$(PY) bench/load.py
@@ -89,3 +89,6 @@ bench-train: $(STAMP)
 
 bench-resident: $(STAMP)
 	$(PY) bench/resident.py
+
+bench-ddp: $(STAMP)
+	$(PY) bench/ddp.py

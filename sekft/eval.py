@@ -638,12 +638,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base", help="base model: local folder or offline HF cache name")
     p.add_argument("--adapter", help="LoRA adapter folder (sekft or PEFT format)")
     p.add_argument("--load-4bit", action="store_true", help="load the base as NF4")
-    p.add_argument("--endpoint", help="OpenAI-compatible server URL instead of a local model")
+    p.add_argument("--endpoint", help="OpenAI-compatible server URL instead of a local model; "
+                   "URL1,URL2,... spreads the episodes over several servers")
     p.add_argument("--model", help="model name to ask the --endpoint for")
     p.add_argument("--baseline-model", help="with --endpoint --baseline: the base's model name")
     p.add_argument("--scenarios", required=True, help="folder of scenario folders")
     p.add_argument("--split", default="heldout", choices=("train", "heldout", "all"))
-    p.add_argument("--jobs", type=int, default=1, help="episodes run in parallel")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="episodes run in parallel (per server with several --endpoint URLs)")
+    p.add_argument("--shard", help="I/N: run only shard I of N of the scenarios (then "
+                   "`sekft-eval merge` the N output folders)")
     p.add_argument("--out", required=True, help="folder for results.json, transcripts, report")
     p.add_argument("--baseline", action="store_true",
                    help="also run the base without the adapter and print the differences")
@@ -697,7 +701,14 @@ def describe_scenarios(scenarios: list[Scenario]) -> str:
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     _check_args(args)
+    from sekft import evalshard  # above this module: it merges what this one writes
+
     scenarios = load_scenarios(args.scenarios, None if args.split == "all" else args.split)
+    suite = evalshard.suite_id([s.id for s in scenarios])
+    if args.shard:
+        scenarios = evalshard.select_shard(scenarios, *evalshard.parse_shard(args.shard))
+        print(f"shard {args.shard}: {len(scenarios)} of the suite's {suite['scenarios']} "
+              "scenarios")
     print(describe_scenarios(scenarios))
     if args.no_sandbox:
         warn_no_sandbox()
@@ -708,15 +719,19 @@ def _main(argv: list[str] | None) -> int:
     from sekft import generate  # torch is only needed from here on
 
     policies = generate.policies_from_args(args)
+    # --jobs per server: each worker thread stays with one server (generate.EndpointPool).
+    jobs = args.jobs * len(args.endpoint.split(",")) if args.endpoint else args.jobs
     progress = SuiteProgress(len(scenarios) * len(policies), ProgressLine())
     progress.show()
     episodes: list[Episode] = []
     for run, policy in policies.items():
-        episodes += run_suite(scenarios, lambda s, p=policy: p, config, run, args.jobs,
+        episodes += run_suite(scenarios, lambda s, p=policy: p, config, run, jobs,
                               progress.episode_done)
     progress.close()
     runs = write_outputs(Path(args.out), episodes, {
-        k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))
+        **{k: v for k, v in vars(args).items()
+           if isinstance(v, (str, int, float, bool, type(None)))},
+        "suite": suite,
     })
     print(table(runs))
     if len(runs) == 2:
@@ -730,7 +745,13 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`sekft-eval`: bad input prints one line and exits 1 (run_cli)."""
+    """`sekft-eval`, or `sekft-eval merge RUN_DIR... --out DIR` (sekft.evalshard): bad input
+    prints one line and exits 1 (run_cli)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["merge"]:
+        from sekft import evalshard
+
+        return run_cli("sekft-eval merge", evalshard.merge_main, argv[1:])
     return run_cli("sekft-eval", _main, argv)
 
 

@@ -16,7 +16,9 @@ urllib (a vLLM serving the base and the adapter, say).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -228,13 +230,33 @@ class EndpointPolicy:
         return Reply(content, tokens=int(tokens or 0))
 
 
+class EndpointPool:
+    """Several servers as one policy: each thread that calls it is bound, at its first call,
+    to the next server in turn and stays with it. With `--jobs` threads per server (the
+    evaluator runs jobs x servers worker threads), every server has `--jobs` episodes in
+    flight, and an episode talks to one server only (its prefix cache keeps the session)."""
+
+    def __init__(self, servers: list[EndpointPolicy]):
+        self.servers = servers
+        self.bound = threading.local()
+        self.turn = itertools.count()  # next() on a count is atomic under the GIL
+
+    def __call__(self, messages: list[dict]) -> Reply:
+        server = getattr(self.bound, "server", None)
+        if server is None:
+            server = self.bound.server = self.servers[next(self.turn) % len(self.servers)]
+        return server(messages)
+
+
 def policies_from_args(args: argparse.Namespace) -> dict[str, Policy]:
     """The runs `sekft-eval` asked for, by name: "adapter" (and "base" with --baseline), or
     "base" alone without an adapter; with --endpoint, the served model names."""
     if args.endpoint:
         sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
         names = [args.model] + ([args.baseline_model] if args.baseline else [])
-        return {name: EndpointPolicy(args.endpoint, name, sampling) for name in names}
+        urls = args.endpoint.split(",")
+        return {name: EndpointPool([EndpointPolicy(url, name, sampling) for url in urls])
+                for name in names}
     from sekft.base import DTYPES, load_base
 
     dtype = DTYPES[args.dtype] if args.dtype else None

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 import sekft
+from sekft import distributed
 from sekft.base import default_dtype, load_base
 from sekft.checkpoint import resolve_base
 from sekft.data import read_sessions
@@ -120,6 +121,9 @@ class TrainConfig:
     resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint"))
     overwrite: bool = field(default=False, metadata=_help("replace the run already in --out"))
     inspect: bool = field(default=False, metadata=_help("show what trains, load no weights, exit"))
+    dist_timeout: float = field(
+        default=600.0, metadata=_help("torchrun: seconds a rank waits for the others")
+    )
 
 
 # ---------------------------------------------------------------- data
@@ -293,8 +297,9 @@ def load_weights(model: torch.nn.Module, cfg: TrainConfig, folder: Path) -> None
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[Row], device: torch.device, dtype: torch.dtype, chunk: int) -> float:
-    """Mean loss per trained token over `rows` (nan when there are none)."""
+def evaluate(model, rows: list[Row], device: torch.device, dtype: torch.dtype,
+             chunk: int) -> tuple[float, int]:
+    """(Loss summed over the trained tokens of `rows`, how many there are)."""
     model.eval()
     total, count = 0.0, 0
     for row in rows:
@@ -304,7 +309,7 @@ def evaluate(model, rows: list[Row], device: torch.device, dtype: torch.dtype, c
         loss, n = trained_token_loss(hidden, model.output_weight(), row.labels, chunk)
         total += loss.item()
         count += n
-    return total / count if count else float("nan")
+    return total, count
 
 
 # ---------------------------------------------------------------- run description
@@ -387,7 +392,9 @@ def check_same_run(out: Path, run: dict) -> None:
 def ctrl_c_requests_stop(stop: threading.Event):
     """While active, Ctrl-C sets `stop` (the loop saves and ends after the current step); a
     second Ctrl-C interrupts at once. Only the main thread can own signals: elsewhere (the
-    resident server's worker) the caller sets `stop` itself."""
+    resident server's worker) the caller sets `stop` itself. Under torchrun, SIGTERM does the
+    same: torchrun passes the signal it gets (SIGINT, or a scheduler's SIGTERM) on to every
+    rank, and kills them 30 s later."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -397,11 +404,13 @@ def ctrl_c_requests_stop(stop: threading.Event):
             raise KeyboardInterrupt
         stop.set()
 
-    previous = signal.signal(signal.SIGINT, handle)
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if distributed.launched() else [])
+    previous = {s: signal.signal(s, handle) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -433,11 +442,14 @@ def train(
     if cfg.full and cfg.load_4bit:
         raise ConfigError("--full trains every weight in float; it cannot use --load-4bit")
     stop = stop or threading.Event()
+    ranks = distributed.current()
     device, dtype = resolve_device_dtype(cfg)
+    device = ranks.device(device)
     base_path, template, tokenizer = _template_and_tokenizer(cfg, base)
     data = prepare_data(cfg, template, tokenizer)
     out = Path(cfg.out)
-    claim_out_dir(out, cfg.resume, cfg.overwrite)
+    if ranks.main:  # rank 0 alone writes files; the others only read a checkpoint
+        claim_out_dir(out, cfg.resume, cfg.overwrite)
     if base is None:
         base = load_base(base_path, dtype=weights_dtype(cfg, dtype), device=device,
                          load_4bit=cfg.load_4bit, compute_dtype=dtype)
@@ -453,8 +465,11 @@ def train(
     warmup = round(cfg.warmup_ratio * total)
     val_plan = plan_epoch([len(e) for e in data.val], cfg.max_len, 1, cfg.seed, 0)
     val_rows = [collate_row([data.val[i] for i in row]) for step in val_plan for row in step]
+    my_val_rows = [val_rows[k] for k in distributed.share(
+        [row.input_ids.numel() for row in val_rows], ranks.world, ranks.rank)]
     write_weights = weight_writer(model, cfg, base_path)
     run = describe_run(cfg, base_path, template.source, data, total)
+    run["world_size"] = ranks.world
 
     start = 0
     checkpoint = latest_checkpoint(out) if cfg.resume else None
@@ -466,12 +481,14 @@ def train(
             raise TrainError(f"{checkpoint}: its data order differs from this run's (other "
                              "sessions or settings); resume with the run's own data and options")
         start = state["step"]
-    if cfg.resume:
-        rewind_metrics(out, start)
-    remove_stale_temporaries(out)
-    write_json_atomic(out / "run.json", run)
-    progress = ProgressLine(report=report)
+    if ranks.main:
+        if cfg.resume:
+            rewind_metrics(out, start)
+        remove_stale_temporaries(out)
+        write_json_atomic(out / "run.json", run)
+    progress = ProgressLine(report=report if ranks.main else _quiet)
     _announce(progress, cfg, data, total, start, checkpoint)
+    _announce_ranks(progress, ranks, state.get("world_size", 1) if checkpoint else None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history = read_metrics(out)
@@ -481,14 +498,21 @@ def train(
 
     with ctrl_c_requests_stop(stop):
         for step in range(start + 1, total + 1):
-            rows = [collate_row([data.train[i] for i in row]).to(device) for row in plan[step - 1]]
-            n_trained = sum(row.n_trained for row in rows)
+            step_rows = plan[step - 1]
+            row_tokens = [sum(lengths[i] for i in row) for row in step_rows]
+            mine = distributed.share(row_tokens, ranks.world, ranks.rank)
+            rows = [collate_row([data.train[i] for i in step_rows[k]]).to(device) for k in mine]
+            # Every rank divides by the step's global count: the step is the one-process step.
+            n_trained = ranks.sum_count(sum(row.n_trained for row in rows))
             lr = lr_at(step - 1, cfg.lr, warmup, total, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
             loss_sum = 0.0
-            for row in rows:
+            for k, row in zip(mine, rows, strict=True):
+                # Dropout seeded by (seed, step, row): the same masks on any number of ranks,
+                # and after a resume on any number of ranks.
+                torch.manual_seed(hash((cfg.seed, step, k)) & (2**63 - 1))
                 with autocast(device, dtype):
                     hidden = model.hidden(row.input_ids, row.position_ids, row.doc_ids)
                 row_loss, _ = trained_token_loss(
@@ -498,13 +522,14 @@ def train(
                 # gradient the mean over its trained tokens, however they were packed.
                 (row_loss / n_trained).backward()
                 loss_sum += row_loss.item()
+            loss_sum, asked = ranks.sum_gradients(params, loss_sum, stop.is_set())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss = loss_sum / n_trained
 
-            last = step == total or stop.is_set()
-            tokens = sum(row.input_ids.numel() for row in rows)
+            last = step == total or asked
+            tokens = sum(row_tokens)
             tokens_done += tokens
             elapsed = time.perf_counter() - started
             record = {
@@ -513,11 +538,12 @@ def train(
                 "tokens_per_s": tokens_done / elapsed, "peak_memory": peak_memory(device),
             }  # fmt: skip
             if val_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-                val_loss = record["val_loss"] = evaluate(model, val_rows, device, dtype,
-                                                         cfg.loss_chunk)
+                val_sum, val_count = ranks.sum_pair(*evaluate(model, my_val_rows, device, dtype,
+                                                              cfg.loss_chunk))
+                val_loss = record["val_loss"] = val_sum / val_count if val_count else math.nan
                 val_points.append((step, val_loss))
             logged = step % cfg.log_every == 0 or last
-            if logged:
+            if logged and ranks.main:
                 append_metrics(out, record)
                 train_points.append((step, loss))
                 write_atomic(out / "loss.svg", loss_curve_svg(train_points, val_points))
@@ -527,16 +553,24 @@ def train(
                                                 record["peak_memory"]), record)
             if "val_loss" in record:
                 progress.message(f"step {step}: validation loss {val_loss:.4f}")
-            if (cfg.save_every and step % cfg.save_every == 0) or last or stop.is_set():
+            # Asked again after the progress lines (a report may ask to stop): all ranks save
+            # and end together, none is left waiting in the next step's collectives.
+            stopping = ranks.any(stop.is_set())
+            if (cfg.save_every and step % cfg.save_every == 0) or last or stopping:
                 state = {"step": step, "plan": _plan_id(cfg, lengths, total),
-                         "scheduler": {"warmup": warmup, "total": total, "last_lr": lr}}
-                saved = save_checkpoint(out, step, write_weights, optimizer, state)
-                progress.message(f"saved {saved}")
-            if stop.is_set():
+                         "scheduler": {"warmup": warmup, "total": total, "last_lr": lr},
+                         "world_size": ranks.world}
+                if ranks.main:
+                    saved = save_checkpoint(out, step, write_weights, optimizer, state)
+                    progress.message(f"saved {saved}")
+                ranks.barrier("the checkpoint save")
+            if stopping:
                 break
     progress.close()
     model.eval()  # a resident base goes back to serving: no dropout
-    write_weights(out)
+    if ranks.main:
+        write_weights(out)
+    ranks.barrier("the final save")
     interrupted = step < total
     if interrupted:
         progress.message(f"stopped at step {step}/{total}; continue with --resume")
@@ -559,6 +593,20 @@ def _template_and_tokenizer(cfg: TrainConfig, base):
     folder = resolve_base(cfg.base)
     template = ChatTemplate.from_folder(folder, name=cfg.template or None)
     return folder, template, load_tokenizer(folder)
+
+
+def _quiet(line: str, **fields) -> None:
+    """Progress of ranks other than 0: rank 0 alone prints."""
+
+
+def _announce_ranks(progress: ProgressLine, ranks: distributed.Group,
+                    saved_world: int | None) -> None:
+    if ranks.world > 1:
+        progress.message(f"data-parallel over {ranks.world} ranks: each step's rows are split "
+                         "by tokens, the loss is normalised by the step's global count")
+    if saved_world is not None and saved_world != ranks.world:
+        progress.message(f"the checkpoint was saved by {saved_world} rank(s), this run has "
+                         f"{ranks.world}: it continues the same global steps and data order")
 
 
 def _first_few(items: list[str], n: int = 5) -> str:
@@ -611,7 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, required=True, help=help_text)
         else:
             kind = type(f.default)
-            parser.add_argument(flag, type=kind, default=f.default,
+            # torchrun's own parser takes `--r` for an abbreviation of its --rdzv-* options
+            # and stops, so under torchrun the rank is spelt --lora-r.
+            aliases = ["--lora-r"] if f.name == "r" else []
+            parser.add_argument(flag, *aliases, dest=f.name, type=kind, default=f.default,
                                 help=f"{help_text} (default: {f.default!r})")
     return parser
 
@@ -626,6 +677,8 @@ def config_from_args(argv: list[str] | None) -> TrainConfig:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError("--val-fraction must be in [0, 1)")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError("--dist-timeout must be a positive number of seconds")
     return cfg
 
 
@@ -646,9 +699,12 @@ def _main(argv: list[str] | None) -> int:
     cfg = config_from_args(argv)
     if cfg.inspect:
         return inspect(cfg)
-    result = train(cfg)
+    with distributed.process_group(cfg.device, cfg.dist_timeout) as ranks:
+        result = train(cfg)
     if result.interrupted:
         return 130
+    if not ranks.main:
+        return 0
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"sekft-train: done: {result.steps} steps, loss {result.train_loss:.4f}{val}; "
           f"adapter in {result.out}", file=sys.stderr)

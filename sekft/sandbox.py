@@ -2,8 +2,9 @@
 
 What the model's processes get (see sekft/scenario.py for the world layout they see):
 - the world's five entries bound read-write; /usr, a small allow-list of /etc files and the
-  harness's /opt/sekft read-only; /, /etc and /dev remounted read-only, so the world is the
-  only writable place;
+  harness's /opt/sekft read-only (but for /opt/sekft/record, where `panic` leaves its
+  reason); /, /etc and /dev remounted read-only, so the world is the only other writable
+  place;
 - new user, pid, network, ipc, uts and cgroup namespaces (`--unshare-all`): no network at
   all (not even the host's loopback), no host processes, uid 1000 with no capabilities;
 - nothing of the host's home, /root, /tmp or secrets: /etc/shadow and friends are simply not
@@ -27,8 +28,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,7 @@ TRANSCRIPT_PATH = f"{HARNESS_DIR}/transcript.json"
 UNPRIVILEGED_ID = 65534
 # Where the shell reads command lines too long for the terminal (see shell.py).
 INPUT_DIR = f"{HARNESS_DIR}/input"
+LIB_DIR = f"{HARNESS_DIR}/lib"
 
 # Where each world entry is bound inside the sandbox.
 WORLD_MOUNTS = {
@@ -68,11 +72,21 @@ ETC_ALLOW = (
     "vim", "debian_version", "os-release",
 )
 
-# The panic command the harness puts on PATH. It writes a marker the shell reader looks for
-# to the terminal itself (so redirecting its stdout cannot hide it); the reader then ends the
-# episode. The two control characters make an accidental match practically impossible.
-PANIC_MARKER = b"\x1eSEKFT-PANIC "
-PANIC_END = b"\x1f"
+# Where panic records its reason: the one harness folder the sandbox may write (see
+# PANIC_SCRIPT). The shell reader reads and clears it after every command, so a panic is
+# recorded however much output surrounds it and wherever its stdout goes.
+RECORD_DIR = f"{HARNESS_DIR}/record"
+PANIC_FILE = "panic"
+# Sourced by the shell at the end of each line the harness types (see shell.py): gives PS1
+# the next prompt nonce and hands back the command's exit status. Only builtins, so it works
+# even when a fork bomb holds every process slot. PS1 is not exported, so a nested `bash`
+# never prints the harness's sentinel.
+PROMPT_SCRIPT = r"""# . prompt NONCE STATUS
+export -n PS1 PS2
+PS1="\036SEKFT$1 \$? \w\037"
+return "$2"
+"""
+# The panic command the harness puts on PATH.
 PANIC_SCRIPT = r"""#!/bin/sh
 # panic "reason": give up on the task because it cannot be done, saying why.
 # This ends the session.
@@ -80,9 +94,8 @@ if [ "$#" -eq 0 ]; then
     echo 'usage: panic "reason"' >&2
     exit 2
 fi
-reason=$(printf '%s' "$*" | tr '\036\037\n' '   ')
-printf '\036SEKFT-PANIC %s\037\n' "$reason" > /dev/tty 2>/dev/null ||
-    printf '\036SEKFT-PANIC %s\037\n' "$reason"
+reason=$(printf '%s' "$*" | tr '\n' ' ')
+printf '%s\n' "$reason" >> {record}
 echo "panic: $reason"
 """
 
@@ -131,12 +144,15 @@ def make_world(world: Path, files: Path | None = None) -> None:
 
 
 def make_harness(harness: Path, sandbox: bool) -> None:
-    """Write the read-only harness folder: bin/panic and, for the sandbox, passwd/group/hosts."""
-    (harness / "bin").mkdir(parents=True, exist_ok=True)
-    (harness / "input").mkdir(exist_ok=True)
+    """Write the harness folder: bin/panic, lib/prompt, an empty record/ (the only part the
+    sandbox may write) and, for the sandbox, passwd/group/hosts."""
+    for name in ("bin", "input", "lib", "record"):
+        (harness / name).mkdir(parents=True, exist_ok=True)
+    record = f"{RECORD_DIR}/{PANIC_FILE}" if sandbox else str(harness / "record" / PANIC_FILE)
     panic = harness / "bin" / "panic"
-    panic.write_text(PANIC_SCRIPT)
+    panic.write_text(PANIC_SCRIPT.replace("{record}", shlex.quote(record)))
     panic.chmod(0o755)
+    (harness / "lib" / "prompt").write_text(PROMPT_SCRIPT)
     if sandbox:
         etc = harness / "etc"
         etc.mkdir(exist_ok=True)
@@ -192,7 +208,9 @@ def bwrap_argv(
     for name in ("passwd", "group", "hostname", "hosts"):
         argv += ["--ro-bind", str(harness / "etc" / name), f"/etc/{name}"]
     argv += ["--ro-bind", str(harness / "bin"), f"{HARNESS_DIR}/bin",
-             "--ro-bind", str(harness / "input"), INPUT_DIR]
+             "--ro-bind", str(harness / "input"), INPUT_DIR,
+             "--ro-bind", str(harness / "lib"), LIB_DIR,
+             "--bind", str(harness / "record"), RECORD_DIR]
     for name, target in WORLD_MOUNTS.items():
         argv += ["--bind", str(world / name), target]
     for target, source in (readonly or {}).items():
@@ -288,6 +306,7 @@ class Sandbox:
         make_harness(box.harness, sandbox)
         if bwrap is not None and sandbox_host_id() is not None:
             _chown_tree(box.world, UNPRIVILEGED_ID)
+            _chown_tree(box.harness / "record", UNPRIVILEGED_ID)
         return box
 
     def __enter__(self) -> Sandbox:
@@ -359,6 +378,31 @@ class Sandbox:
         path.write_text(text, encoding="utf-8")
         path.chmod(0o644)
         return f"{INPUT_DIR}/command" if self.bwrap is not None else str(path)
+
+    def prompt_script(self) -> str:
+        """Path of the prompt script (PROMPT_SCRIPT) as the sandbox sees it."""
+        if self.bwrap is None:
+            return str(self.harness / "lib" / "prompt")
+        return f"{LIB_DIR}/prompt"
+
+    def take_panic(self) -> str | None:
+        """The reason the first `panic` since the last call gave (None: no panic); clears it.
+
+        The sandbox can write the record folder, so the record is read as a hostile file:
+        never through a symlink, never blocking on a fifo, at most 4 KiB.
+        """
+        record = self.harness / "record" / PANIC_FILE
+        try:
+            fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            data = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        finally:
+            os.close(fd)
+        record.unlink(missing_ok=True)
+        lines = data.decode("utf-8", "replace").splitlines()
+        return lines[0].strip() if lines else ""
 
     def cwd(self) -> str | None:
         """Working directory to start processes in (bubblewrap sets its own)."""

@@ -170,6 +170,16 @@ def test_command_that_never_returns_is_cut_off_and_the_episode_continues(tmp_pat
 
 
 @needs_bwrap
+def test_a_fenced_reply_is_not_a_command_and_the_episode_goes_on_in_step(tmp_path):
+    s = scenario("write-done", tmp_path, command_timeout=1)
+    fenced = "```bash\ncat TODO\n```"
+    episode = run_episode(s, replay([fenced, "cat TODO", "echo ok > done", "exit"]), FAST)
+    assert episode.command_mode == [False, True, True, True]
+    assert "Write the word ok" in episode.messages[4]["content"]
+    assert (episode.ending, episode.passed, episode.turns) == ("exit", True, 4)
+
+
+@needs_bwrap
 def test_huge_output_is_capped_in_the_observation():
     config = EpisodeConfig(kill_grace=3.0, max_output_bytes=1000)
     episode = run_episode(scenario("write-done"), replay(["seq 1 100000", "exit"]), config)

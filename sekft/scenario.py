@@ -71,6 +71,7 @@ paths such as /usr/local or /etc/motd would be the host's own.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +135,11 @@ def _choice(where: str, key: str, value: object, choices: tuple[str, ...]) -> st
 
 def _positive(where: str, key: str, value: object, kind: type) -> int | float:
     ok_types = (int,) if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_types) or value <= 0:
-        noun = "integer" if kind is int else "number (seconds)"
+    # json reads NaN and Infinity as floats: neither is a time limit (NaN breaks select(),
+    # Infinity would never interrupt a hung command).
+    if (isinstance(value, bool) or not isinstance(value, ok_types)
+            or not math.isfinite(value) or value <= 0):
+        noun = "integer" if kind is int else "finite number (seconds)"
         raise ScenarioError(f"{where}: field {key!r}: {value!r} must be a positive {noun}")
     return kind(value)
 
@@ -188,7 +192,12 @@ def load_scenario(folder: str | Path) -> Scenario:
         raise ScenarioError(f"{folder}: missing {missing}; a scenario folder needs "
                             f"{list(REQUIRED_FILES)} (and optionally files/)")
     where = str(folder / "scenario.json")
-    fields = parse_scenario_json((folder / "scenario.json").read_text(encoding="utf-8"), where)
+    try:
+        text = (folder / "scenario.json").read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"{where}: not UTF-8 (byte {e.start} is {e.object[e.start]:#04x}); "
+                            "save it as UTF-8") from None
+    fields = parse_scenario_json(text, where)
     files = folder / "files"
     if files.exists():
         if not files.is_dir():

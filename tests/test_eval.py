@@ -150,6 +150,17 @@ def test_episode_wall_clock_runs_out():
 
 
 @needs_bwrap
+def test_episode_timeout_interrupts_a_hung_command_whatever_the_scenario_allows(tmp_path):
+    s = scenario("write-done", tmp_path, command_timeout=30)
+    config = EpisodeConfig(kill_grace=3.0, episode_timeout=1.0)
+    episode = run_episode(s, replay(["cat", "echo ok > done"]), config)
+    assert (episode.ending, episode.turns, episode.timeouts) == ("timeout", 1, 1)
+    assert "sent Ctrl-C" in episode.messages[2]["content"]
+    # Ctrl-C came within the episode's limit plus the grace, not after the scenario's.
+    assert episode.seconds < 1.0 + config.kill_grace + 10
+
+
+@needs_bwrap
 def test_context_exhaustion_ends_the_episode():
     def policy(messages):
         if len(messages) > 2:
@@ -198,6 +209,28 @@ def test_failing_setup_is_a_scenario_error_not_a_model_failure(tmp_path):
     summary = summarize(episodes)
     assert (summary["episodes"], summary["scenario_errors"]) == (1, 1)
     assert summary["checker_pass"]["k"] == 1
+
+
+@needs_bwrap
+def test_check_hung_by_the_models_doing_is_a_failed_episode_not_a_scenario_error(tmp_path):
+    s = scenario("write-done", tmp_path, id="fifo-done")
+    # The model leaves a fifo where the check reads a file: the check hangs on it.
+    (s.path / "check.sh").write_text('grep -qx ok "$HOME/done"\n')
+    config = EpisodeConfig(kill_grace=3.0, check_timeout=1.0)
+    episodes = run_suite([s], lambda sc: replay(["rm -f done; mkfifo done", "exit"]), config)
+    assert episodes[0].error is None and episodes[0].passed is False
+    assert "still running after 1s" in episodes[0].check_output
+    summary = summarize(episodes)
+    assert (summary["episodes"], summary["scenario_errors"]) == (1, 0)
+
+
+@needs_bwrap
+def test_a_check_that_hangs_before_the_model_acted_is_still_a_scenario_error(tmp_path):
+    s = scenario("write-done", tmp_path, id="hung-check")
+    (s.path / "check.sh").write_text("sleep 100\n")
+    config = EpisodeConfig(kill_grace=3.0, check_timeout=0.5, episode_timeout=0.0)
+    episode = run_suite([s], lambda sc: replay([]), config)[0]
+    assert episode.error is not None and "still running" in episode.error
 
 
 def _episodes():

@@ -53,6 +53,10 @@ UNPRIVILEGED_ID = 65534
 INPUT_DIR = f"{HARNESS_DIR}/input"
 LIB_DIR = f"{HARNESS_DIR}/lib"
 
+# The terminal the shell runs in (see shell.py), as a person's would be.
+COLUMNS = 80
+LINES = 50
+
 # Where each world entry is bound inside the sandbox.
 WORLD_MOUNTS = {
     "home": HOME,
@@ -110,7 +114,7 @@ class Limits:
     cpu_seconds: int = 600
 
 
-def environment(columns: int = 500, lines: int = 50) -> dict[str, str]:
+def environment(columns: int = COLUMNS, lines: int = LINES) -> dict[str, str]:
     """The environment every process in the sandbox starts with (documented in scenario.py)."""
     return {
         "HOME": HOME,
@@ -127,6 +131,9 @@ def environment(columns: int = 500, lines: int = 50) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "COLUMNS": str(columns),
         "LINES": str(lines),
+        # man formats to the terminal's width, but only once it knows it: an 80-column page
+        # is what a person reads, and a wider one pads every header with spaces.
+        "MANWIDTH": str(columns),
     }
 
 

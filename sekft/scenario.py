@@ -43,7 +43,8 @@ records the reason and ends the session. `exit` (the shell ending) ends it too.
 Environment inside the sandbox (setup, episode and check alike): HOME=/home/user,
 USER=LOGNAME=user, SHELL=/bin/bash, PATH=/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:
 /bin:/sbin:/opt/sekft/bin, MANPATH=/usr/local/share/man:/usr/share/man, MAIL=/var/mail/user,
-TERM=dumb, PAGER=MANPAGER=GIT_PAGER=cat, LANG=C.UTF-8. No network, no /root, no host /tmp.
+TERM=dumb, PAGER=MANPAGER=GIT_PAGER=cat, LANG=C.UTF-8, COLUMNS=MANWIDTH=80, LINES=50
+(an 80x50 terminal). No network, no /root, no host /tmp.
 
 setup.sh runs as `bash setup.sh` with cwd /home/user and, in addition,
 SEKFT_SCENARIO=/opt/sekft/scenario: this folder, read-only (only during setup and check, so

@@ -2,8 +2,8 @@
 
 The shell is interactive (job control, Ctrl-C, `cd` and variables persist) but tamed:
 - no rc files, no readline (`--noediting`, so no bracketed paste or line editing), no echo
-  of what we type, history expansion off, TERM=dumb, pagers are `cat`, and a fixed wide
-  terminal (500x50) so nothing wraps;
+  of what we type, history expansion off, TERM=dumb, pagers are `cat`, and a fixed 80x50
+  terminal (the pty inserts no line breaks, so a longer line still arrives whole);
 - PS1 is a sentinel carrying the exit status and `\\w` behind a random nonce that changes
   with every line the harness types; the reader waits for the current one, so output is
   exactly what the command printed. The prompt the model sees is rendered from it
@@ -37,10 +37,8 @@ from pathlib import Path
 import pexpect
 
 from sekft.errors import SandboxError
-from sekft.sandbox import HOSTNAME, USER, Sandbox
+from sekft.sandbox import COLUMNS, HOSTNAME, LINES, USER, Sandbox
 
-COLUMNS = 500
-LINES = 50
 START_TIMEOUT = 30.0
 # The terminal's line discipline keeps at most 4095 bytes of a line being typed; a longer
 # line is sourced from a file instead (same shell, same effect, just not typed).

@@ -161,6 +161,28 @@ def test_carriage_return_overwrites_like_a_terminal(line, shown):
     assert overwrite(line) == shown
 
 
+@pytest.mark.parametrize(("line", "shown"), [
+    ("A\bA", "A"), ("_\bX", "X"), ("N\bNA\bAM\bME\bE", "NAME"), ("ab\b\b\bc", "cb"),
+    ("abc\b\rx", "xbc"),
+])
+def test_backspace_overwrites_like_a_terminal(line, shown):
+    assert overwrite(line) == shown
+
+
+def test_clean_drops_trailing_spaces_a_terminal_would_not_show():
+    assert clean(b"LEDGER(1)    LEDGER(1)     \t\r\n  indented\r\n") == (
+        "LEDGER(1)    LEDGER(1)\n  indented\n")
+
+
+def test_overstruck_output_reads_as_on_screen(shell):
+    assert clean(shell.run("printf 'A\\bA\\n_\\bX\\n'", timeout=5).output) == "A\nX\n"
+
+
+def test_terminal_is_80_columns_for_the_shell_and_man(shell):
+    result = shell.run("stty size; echo $COLUMNS $MANWIDTH", timeout=5)
+    assert result.output == b"50 80\r\n80 80\r\n"
+
+
 def test_cap_keeps_head_and_tail_and_counts_what_it_dropped():
     text = "a" * 100 + "b" * 100
     assert cap(text, 50) == "a" * 25 + "\n[... 150 bytes omitted ...]\n" + "b" * 25

@@ -193,19 +193,18 @@ def _system_binds() -> list[str]:
     return argv
 
 
-def bwrap_argv(
-    bwrap: str,
+def bwrap_options(
     world: Path,
     harness: Path,
     readonly: dict[str, Path] | None = None,
 ) -> list[str]:
-    """The bubblewrap argv (up to and including `--`) for one sandbox over `world`.
+    """The bubblewrap options (no program, no `--`) for one sandbox over `world`.
 
     `readonly` maps extra sandbox paths to host paths bound read-only (the scenario folder
     during setup and check, the transcript during check).
     """
     argv = [
-        bwrap, "--unshare-all", "--unshare-user", "--uid", str(UID), "--gid", str(UID),
+        "--unshare-all", "--unshare-user", "--uid", str(UID), "--gid", str(UID),
         "--cap-drop", "ALL", "--die-with-parent", "--hostname", HOSTNAME, *_system_binds(),
     ]
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/etc"]
@@ -223,7 +222,7 @@ def bwrap_argv(
     for target, source in (readonly or {}).items():
         argv += ["--ro-bind", str(source), target]
     argv += ["--remount-ro", "/etc", "--remount-ro", "/dev", "--remount-ro", "/",
-             "--chdir", HOME, "--"]
+             "--chdir", HOME]
     return argv
 
 
@@ -367,7 +366,15 @@ class Sandbox:
         inner = limits_prefix(self.limits) + command
         if self.bwrap is None:
             return inner
-        return bwrap_argv(self.bwrap, self.world, self.harness, readonly) + inner
+        # bubblewrap's argv is what /proc/1/cmdline shows in the sandbox: its options, the
+        # host path of the world among them, go through a file read on fd 3 instead.
+        fd, args = tempfile.mkstemp(dir=self.root, prefix="bwrap-args-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(os.fsencode(option) + b"\0"
+                             for option in bwrap_options(self.world, self.harness, readonly)))
+        os.chmod(args, 0o644)
+        return ["/bin/sh", "-c", 'exec 3< "$0" && exec "$@"', args,
+                self.bwrap, "--args", "3", "--", *inner]
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """The process environment: the sandbox one, remapped to host paths without bwrap."""

@@ -165,3 +165,9 @@ def test_without_sandbox_the_shell_lives_in_the_world_folder():
 def test_no_sandbox_warning_is_loud(capsys):
     warn_no_sandbox()
     assert "UNCONFINED" in capsys.readouterr().err
+
+
+def test_bubblewraps_command_line_does_not_show_the_host_path_of_the_world(box):
+    result = run(box, "tr '\\0' ' ' < /proc/1/cmdline; echo; tr '\\0' ' ' < /proc/1/environ")
+    assert b"bwrap" in result.output and b"--uid" not in result.output
+    assert str(box.root).encode() not in result.output

@@ -11,13 +11,19 @@ What the model's processes get (see sekft/scenario.py for the world layout they 
   bound, and /etc/passwd is our own two-line file;
 - resource limits set inside the namespace (`ulimit`), so they bind the sandbox without
   counting the host user's own processes: processes, file size, address space, CPU time;
+- a world of capped total size (`Limits.disk_bytes`): it is a tmpfs, never the host's disk,
+  held for the whole episode by a keeper process whose mount namespace every sandboxed
+  process enters (with util-linux's `nsenter`) before bubblewrap builds its sandbox;
+- bubblewrap's own options (host paths among them) passed through a file (`--args`), so
+  /proc/1/cmdline in the sandbox does not show them;
 - `--die-with-parent`: when the harness kills the sandbox's outer process, every process in
   the sandbox's pid namespace dies with it;
 - run as root, the harness starts bubblewrap as uid 65534 (nobody), because the process
   limit does not bind namespaces owned by root (see `sandbox_host_id`).
 
-Each sandbox lives in its own temp folder (world/, harness/, staged/); scenario folders and
-transcripts are staged (copied) there so the unprivileged uid can read them.
+Each sandbox lives in its own temp folder (world/ and record/, both tmpfs mountpoints,
+harness/, staged/); scenario folders and transcripts are staged (copied) there so the
+unprivileged uid can read them.
 
 bubblewrap is the `bubblewrap` package on Debian/Ubuntu/Fedora/Arch. Without it, callers
 must pass `sandbox=False` (`--no-sandbox`): commands then run on this machine as you, with
@@ -80,6 +86,7 @@ ETC_ALLOW = (
 # PANIC_SCRIPT). The shell reader reads and clears it after every command, so a panic is
 # recorded however much output surrounds it and wherever its stdout goes.
 RECORD_DIR = f"{HARNESS_DIR}/record"
+RECORD_BYTES = 64 * 1024
 PANIC_FILE = "panic"
 # Sourced by the shell at the end of each line the harness types (see shell.py): gives PS1
 # the next prompt nonce and hands back the command's exit status. Only builtins, so it works
@@ -110,6 +117,8 @@ class Limits:
 
     processes: int = 256
     file_bytes: int = 256 * 1024**2
+    # The whole world (sandboxed only): a tmpfs, so it is memory while in use.
+    disk_bytes: int = 512 * 1024**2
     memory_bytes: int = 4 * 1024**3
     cpu_seconds: int = 600
 
@@ -150,12 +159,11 @@ def make_world(world: Path, files: Path | None = None) -> None:
         shutil.copytree(files, world, dirs_exist_ok=True, symlinks=True)
 
 
-def make_harness(harness: Path, sandbox: bool) -> None:
-    """Write the harness folder: bin/panic, lib/prompt, an empty record/ (the only part the
-    sandbox may write) and, for the sandbox, passwd/group/hosts."""
-    for name in ("bin", "input", "lib", "record"):
+def make_harness(harness: Path, record: str, sandbox: bool) -> None:
+    """Write the read-only harness folder: bin/panic (writing its reason to the file
+    `record`), lib/prompt and, for the sandbox, passwd/group/hosts."""
+    for name in ("bin", "input", "lib"):
         (harness / name).mkdir(parents=True, exist_ok=True)
-    record = f"{RECORD_DIR}/{PANIC_FILE}" if sandbox else str(harness / "record" / PANIC_FILE)
     panic = harness / "bin" / "panic"
     panic.write_text(PANIC_SCRIPT.replace("{record}", shlex.quote(record)))
     panic.chmod(0o755)
@@ -195,10 +203,12 @@ def _system_binds() -> list[str]:
 
 def bwrap_options(
     world: Path,
+    record: Path,
     harness: Path,
     readonly: dict[str, Path] | None = None,
 ) -> list[str]:
-    """The bubblewrap options (no program, no `--`) for one sandbox over `world`.
+    """The bubblewrap options (no program, no `--`) for one sandbox over `world`, with
+    `record` as its panic record folder.
 
     `readonly` maps extra sandbox paths to host paths bound read-only (the scenario folder
     during setup and check, the transcript during check).
@@ -216,7 +226,7 @@ def bwrap_options(
     argv += ["--ro-bind", str(harness / "bin"), f"{HARNESS_DIR}/bin",
              "--ro-bind", str(harness / "input"), INPUT_DIR,
              "--ro-bind", str(harness / "lib"), LIB_DIR,
-             "--bind", str(harness / "record"), RECORD_DIR]
+             "--bind", str(record), RECORD_DIR]
     for name, target in WORLD_MOUNTS.items():
         argv += ["--bind", str(world / name), target]
     for target, source in (readonly or {}).items():
@@ -228,9 +238,10 @@ def bwrap_options(
 
 @functools.cache
 def find_bwrap() -> str | None:
-    """Path of a bubblewrap that can actually build our sandbox here, or None."""
+    """Path of a bubblewrap that can actually build our sandbox here, or None (also None
+    without util-linux's nsenter, which every sandbox uses to reach its disk)."""
     bwrap = shutil.which("bwrap")
-    if bwrap is None:
+    if bwrap is None or shutil.which("nsenter") is None:
         return None
     probe = [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL", "--die-with-parent",
              *_system_binds(), "--", "/bin/sh", "-c", "true"]
@@ -248,8 +259,9 @@ def require_bwrap() -> str:
     bwrap = find_bwrap()
     if bwrap is None:
         raise SandboxError(
-            "no usable sandbox: bubblewrap (`bwrap`) is missing or cannot create user "
-            "namespaces here; install it (apt install bubblewrap) or, only on a throwaway "
+            "no usable sandbox: bubblewrap (`bwrap`) or nsenter is missing, or user "
+            "namespaces cannot be created here; install them (apt install bubblewrap "
+            "util-linux) or, only on a throwaway "
             "machine, pass --no-sandbox to run the model's commands unconfined"
         )
     return bwrap
@@ -291,13 +303,19 @@ def _chown_tree(path: Path, uid: int) -> None:
 class Sandbox:
     """One episode's world and how to run things in it (sandboxed, or not when bwrap is None).
 
-    Lives in its own temp folder `root` (world/, harness/, staged files); use as a context
-    manager, or call remove(), to delete it.
+    Lives in its own temp folder `root` (world/, record/, harness/, staged files); use as a
+    context manager, or call remove(), to delete it. Sandboxed, world/ is a tmpfs of
+    `limits.disk_bytes` and record/ (where panic writes) a small one of its own, both held
+    by a keeper process (see `_start_keeper`): what the model writes, in total, fails past
+    the cap, never reaches the host's disk, cannot crowd out a panic, and is gone with the
+    sandbox.
     """
 
     root: Path
     bwrap: str | None
     limits: Limits = Limits()
+    keeper: subprocess.Popen | None = None
+    keeper_pid: int | None = None
 
     @classmethod
     def create(cls, files: Path | None = None, sandbox: bool = True,
@@ -308,12 +326,48 @@ class Sandbox:
         # Traversable by the unprivileged uid the sandbox may run as; still not listable.
         root.chmod(0o711)
         box = cls(root, bwrap, limits or Limits())
-        make_world(box.world, files)
-        make_harness(box.harness, sandbox)
-        if bwrap is not None and sandbox_host_id() is not None:
-            _chown_tree(box.world, UNPRIVILEGED_ID)
-            _chown_tree(box.harness / "record", UNPRIVILEGED_ID)
+        try:
+            record = root / "record" / PANIC_FILE
+            make_harness(box.harness, f"{RECORD_DIR}/{PANIC_FILE}" if bwrap else str(record),
+                         sandbox)
+            if bwrap is None:
+                make_world(root / "world", files)
+                record.parent.mkdir()
+            else:
+                make_world(root / "seed", files)
+                if sandbox_host_id() is not None:
+                    _chown_tree(root / "seed", UNPRIVILEGED_ID)
+                box._start_keeper(root / "seed")
+                shutil.rmtree(root / "seed")
+        except BaseException:
+            box.remove()
+            raise
         return box
+
+    def _start_keeper(self, seed: Path) -> None:
+        """Start the process whose mount namespace holds world/ and record/ as size-capped
+        tmpfs, the world a copy of `seed`. Every sandboxed process enters that namespace
+        first (`argv`): a tmpfs made by one bubblewrap dies with it, and the world must
+        outlive setup.sh, each shell and check.sh."""
+        assert self.bwrap is not None
+        world, record = self.root / "world", self.root / "record"
+        world.mkdir()
+        record.mkdir()
+        self.keeper = subprocess.Popen(
+            [self.bwrap, "--unshare-user", "--dev-bind", "/", "/", "--die-with-parent",
+             "--size", str(self.limits.disk_bytes), "--tmpfs", str(world),
+             "--size", str(RECORD_BYTES), "--tmpfs", str(record), "--",
+             "/bin/sh", "-c", 'cp -a "$0"/. "$1"/ && echo $$ && exec sleep infinity',
+             str(seed), str(world)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=self.preexec())
+        assert self.keeper.stdout is not None and self.keeper.stderr is not None
+        pid = self.keeper.stdout.readline().strip()
+        if not pid.isdigit():
+            said = self.keeper.stderr.read().decode("utf-8", "replace").strip()[-500:]
+            raise SandboxError(f"could not build the world's {self.limits.disk_bytes} byte "
+                               f"disk (files/ too large?): {said!r}")
+        self.keeper_pid = int(pid)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -322,11 +376,22 @@ class Sandbox:
         self.remove()
 
     def remove(self) -> None:
+        if self.keeper is not None:
+            self.keeper.kill()
+            self.keeper.communicate()
+            self.keeper = self.keeper_pid = None
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _reach(self, name: str) -> Path:
+        """root/`name` as this process reaches it: through the keeper's root if there is one."""
+        path = self.root / name
+        if self.keeper_pid is None:
+            return path
+        return Path(f"/proc/{self.keeper_pid}/root") / path.relative_to("/")
 
     @property
     def world(self) -> Path:
-        return self.root / "world"
+        return self._reach("world")
 
     @property
     def harness(self) -> Path:
@@ -369,11 +434,14 @@ class Sandbox:
         # bubblewrap's argv is what /proc/1/cmdline shows in the sandbox: its options, the
         # host path of the world among them, go through a file read on fd 3 instead.
         fd, args = tempfile.mkstemp(dir=self.root, prefix="bwrap-args-")
+        options = bwrap_options(self.root / "world", self.root / "record", self.harness,
+                                readonly)
         with os.fdopen(fd, "wb") as f:
-            f.write(b"".join(os.fsencode(option) + b"\0"
-                             for option in bwrap_options(self.world, self.harness, readonly)))
+            f.write(b"".join(os.fsencode(option) + b"\0" for option in options))
         os.chmod(args, 0o644)
-        return ["/bin/sh", "-c", 'exec 3< "$0" && exec "$@"', args,
+        return ["nsenter", "--user", "--mount", "--preserve-credentials",
+                "--target", str(self.keeper_pid), "--",
+                "/bin/sh", "-c", 'exec 3< "$0" && exec "$@"', args,
                 self.bwrap, "--args", "3", "--", *inner]
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -405,7 +473,7 @@ class Sandbox:
         The sandbox can write the record folder, so the record is read as a hostile file:
         never through a symlink, never blocking on a fifo, at most 4 KiB.
         """
-        record = self.harness / "record" / PANIC_FILE
+        record = self._reach("record") / PANIC_FILE
         try:
             fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:

@@ -21,9 +21,11 @@ scenario.json, all keys required except `meta`; unknown keys are an error (typos
       "meta": {}                        # optional, free-form (generator seed, params...)
     }
 
-The world. Each episode gets a fresh host folder W; inside the sandbox the model's user is
-`user` (uid 1000) on host `sandbox`, and these are the ONLY writable places, all of them
-bound from W (everything else is read-only system files or absent):
+The world. Each episode gets a fresh world W (in the sandbox a tmpfs of 512 MiB in all,
+never the host's disk: writes past that fail with "No space left on device"); inside the
+sandbox the model's user is `user` (uid 1000) on host `sandbox`, and these are the ONLY
+writable places, all of them bound from W (everything else is read-only system files or
+absent):
 
     W/home   -> /home/user    HOME and the login directory
     W/local  -> /usr/local    provider tools in /usr/local/bin (first on PATH), man pages in

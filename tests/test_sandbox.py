@@ -171,3 +171,18 @@ def test_bubblewraps_command_line_does_not_show_the_host_path_of_the_world(box):
     result = run(box, "tr '\\0' ' ' < /proc/1/cmdline; echo; tr '\\0' ' ' < /proc/1/environ")
     assert b"bwrap" in result.output and b"--uid" not in result.output
     assert str(box.root).encode() not in result.output
+
+
+def test_the_worlds_total_size_is_capped_and_none_of_it_lands_on_the_host_disk():
+    limits = Limits(file_bytes=2 * 1024**2, disk_bytes=4 * 1024**2)
+    with Sandbox.create(limits=limits) as box, Shell(box, kill_grace=3.0) as sh:
+        result = sh.run("for i in 1 2 3 4; do head -c 1500K /dev/zero > ~/f$i; done; "
+                        "head -c 1M /dev/zero > /tmp/t; panic 'the disk is full'", timeout=10)
+        assert result.output.count(b"No space left on device") >= 2
+        # The episode goes on: the shell answers, and panic still found room for its record.
+        assert result.panic_reason == "the disk is full"
+        assert sh.run("echo still here", timeout=5).output == b"still here\r\n"
+        written = sum(p.stat().st_size for p in box.world.rglob("*") if p.is_file())
+        assert 3 * 1024**2 < written <= 4 * 1024**2
+        on_host = sum(p.stat().st_size for p in box.root.rglob("*") if p.is_file())
+        assert on_host < 1024**2

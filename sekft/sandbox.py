@@ -12,8 +12,8 @@ What the model's processes get (see sekft/scenario.py for the world layout they 
 - resource limits set inside the namespace (`ulimit`), so they bind the sandbox without
   counting the host user's own processes: processes, file size, address space, CPU time;
 - a world of capped total size (`Limits.disk_bytes`): it is a tmpfs, never the host's disk,
-  held for the whole episode by a keeper process whose mount namespace every sandboxed
-  process enters (with util-linux's `nsenter`) before bubblewrap builds its sandbox;
+  held for the whole episode by a keeper process (util-linux's `unshare`) whose mount
+  namespace every sandboxed process enters (`nsenter`) before bubblewrap builds its sandbox;
 - bubblewrap's own options (host paths among them) passed through a file (`--args`), so
   /proc/1/cmdline in the sandbox does not show them;
 - `--die-with-parent`: when the harness kills the sandbox's outer process, every process in
@@ -239,9 +239,9 @@ def bwrap_options(
 @functools.cache
 def find_bwrap() -> str | None:
     """Path of a bubblewrap that can actually build our sandbox here, or None (also None
-    without util-linux's nsenter, which every sandbox uses to reach its disk)."""
+    without util-linux's unshare and nsenter, which give every sandbox its capped disk)."""
     bwrap = shutil.which("bwrap")
-    if bwrap is None or shutil.which("nsenter") is None:
+    if bwrap is None or not (shutil.which("nsenter") and shutil.which("unshare")):
         return None
     probe = [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL", "--die-with-parent",
              *_system_binds(), "--", "/bin/sh", "-c", "true"]
@@ -348,18 +348,22 @@ class Sandbox:
         """Start the process whose mount namespace holds world/ and record/ as size-capped
         tmpfs, the world a copy of `seed`. Every sandboxed process enters that namespace
         first (`argv`): a tmpfs made by one bubblewrap dies with it, and the world must
-        outlive setup.sh, each shell and check.sh."""
-        assert self.bwrap is not None
+        outlive setup.sh, each shell and check.sh.
+
+        The keeper is util-linux's unshare (any bubblewrap version will do) and lives until
+        its stdin, a pipe only this process holds, closes: at remove(), or when we die.
+        """
         world, record = self.root / "world", self.root / "record"
         world.mkdir()
         record.mkdir()
+        script = ('o=mode=0755,nosuid,nodev; mount -t tmpfs -o "$o,size=$2" tmpfs "$1" && '
+                  'mount -t tmpfs -o "$o,size=$4" tmpfs "$3" && cp -a "$0"/. "$1"/ && '
+                  "echo $$ && read -r _")
         self.keeper = subprocess.Popen(
-            [self.bwrap, "--unshare-user", "--dev-bind", "/", "/", "--die-with-parent",
-             "--size", str(self.limits.disk_bytes), "--tmpfs", str(world),
-             "--size", str(RECORD_BYTES), "--tmpfs", str(record), "--",
-             "/bin/sh", "-c", 'cp -a "$0"/. "$1"/ && echo $$ && exec sleep infinity',
-             str(seed), str(world)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            ["unshare", "--user", "--map-root-user", "--mount", "/bin/sh", "-c", script,
+             str(seed), str(world), str(self.limits.disk_bytes), str(record),
+             str(RECORD_BYTES)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             preexec_fn=self.preexec())
         assert self.keeper.stdout is not None and self.keeper.stderr is not None
         pid = self.keeper.stdout.readline().strip()
@@ -377,8 +381,7 @@ class Sandbox:
 
     def remove(self) -> None:
         if self.keeper is not None:
-            self.keeper.kill()
-            self.keeper.communicate()
+            self.keeper.communicate()  # closes its stdin: it exits, and its tmpfs go
             self.keeper = self.keeper_pid = None
         shutil.rmtree(self.root, ignore_errors=True)
 

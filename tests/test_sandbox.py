@@ -2,6 +2,7 @@
 the harness must keep working after each."""
 
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -186,3 +187,19 @@ def test_the_worlds_total_size_is_capped_and_none_of_it_lands_on_the_host_disk()
         assert 3 * 1024**2 < written <= 4 * 1024**2
         on_host = sum(p.stat().st_size for p in box.root.rglob("*") if p.is_file())
         assert on_host < 1024**2
+
+
+def test_the_worlds_keeper_dies_with_the_harness():
+    import subprocess
+    import sys
+
+    code = ("import os; from sekft.sandbox import Sandbox; box = Sandbox.create(); "
+            "print(box.keeper_pid, box.root, flush=True); os._exit(0)")
+    harness = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    pid, root = harness.stdout.decode().split()
+    shutil.rmtree(root)
+    keeper = int(pid)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{keeper}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{keeper}").exists()

@@ -243,7 +243,11 @@ def find_bwrap() -> str | None:
     bwrap = shutil.which("bwrap")
     if bwrap is None or not (shutil.which("nsenter") and shutil.which("unshare")):
         return None
-    probe = [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL", "--die-with-parent",
+    # The way every sandbox runs: bubblewrap inside the user and mount namespaces of a keeper
+    # that mounted a size-capped tmpfs (see Sandbox._start_keeper).
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "/bin/sh", "-c",
+             'mount -t tmpfs -o size=65536 tmpfs /tmp && exec "$@"', "probe",
+             bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL", "--die-with-parent",
              *_system_binds(), "--", "/bin/sh", "-c", "true"]
     preexec = drop_privileges if sandbox_host_id() is not None else None
     try:

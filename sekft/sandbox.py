@@ -263,10 +263,10 @@ def require_bwrap() -> str:
     bwrap = find_bwrap()
     if bwrap is None:
         raise SandboxError(
-            "no usable sandbox: bubblewrap (`bwrap`) or nsenter is missing, or user "
-            "namespaces cannot be created here; install them (apt install bubblewrap "
-            "util-linux) or, only on a throwaway "
-            "machine, pass --no-sandbox to run the model's commands unconfined"
+            "no usable sandbox: bubblewrap (`bwrap`) or util-linux's unshare/nsenter is "
+            "missing, or user namespaces cannot be created here; install them (apt install "
+            "bubblewrap util-linux) or, only on a throwaway machine, pass --no-sandbox to "
+            "run the model's commands unconfined"
         )
     return bwrap
 

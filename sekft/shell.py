@@ -8,7 +8,7 @@ The shell is interactive (job control, Ctrl-C, `cd` and variables persist) but t
   with every line the harness types; the reader waits for the current one, so output is
   exactly what the command printed. The prompt the model sees is rendered from it
   (`user@sandbox:~$ `). The new nonce is set by a builtin-only script sourced after the
-  command has run (see sandbox.PROMPT_SCRIPT), so nothing the command can read or print, an
+  command has run (see sandbox.PROMPT_SCRIPT), so nothing a command prints by accident, an
   old prompt echoed back or a nested `bash` (PS1 is not exported), ends the read early;
 - each command line is first parsed with `bash -n`; a syntax error never reaches the shell
   (it could leave bash waiting for more input), the model sees bash's own message instead.

@@ -483,13 +483,18 @@ class Sandbox:
         record = self._reach("record") / PANIC_FILE
         try:
             fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
+        except FileNotFoundError:
+            return None
+        except OSError:  # a symlink: not panic's doing, and in the way of the next one
+            record.unlink(missing_ok=True)
             return None
         try:
-            data = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+            data = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else None
         finally:
             os.close(fd)
         record.unlink(missing_ok=True)
+        if data is None:
+            return None
         lines = data.decode("utf-8", "replace").splitlines()
         return lines[0].strip() if lines else ""
 

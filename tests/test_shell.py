@@ -269,6 +269,14 @@ def test_panic_is_recorded_whatever_its_output_does(shell):
     assert shell.run("echo no panic", timeout=5).panic_reason is None
 
 
+def test_a_fifo_or_symlink_left_where_panic_records_is_no_panic_and_never_blocks(shell):
+    result = shell.run("mkfifo /opt/sekft/record/panic; echo made", timeout=5)
+    assert result.output == b"made\r\n" and result.panic_reason is None
+    result = shell.run("ln -s ~/x /opt/sekft/record/panic", timeout=5)
+    assert result.panic_reason is None
+    assert shell.run("panic 'after all'", timeout=5).panic_reason == "after all"
+
+
 def test_type_probe_stays_in_step_when_a_fork_bomb_holds_every_process_slot():
     with Sandbox.create(limits=Limits(processes=12)) as box, Shell(box, kill_grace=3.0) as sh:
         # Quiet: the bomb's own "fork: retry" complaints would land in later outputs.

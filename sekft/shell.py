@@ -43,6 +43,7 @@ START_TIMEOUT = 30.0
 # The terminal's line discipline keeps at most 4095 bytes of a line being typed; a longer
 # line is sourced from a file instead (same shell, same effect, just not typed).
 MAX_TYPED_LINE = 4000
+TYPE_WORDS = ("alias", "keyword", "function", "builtin", "file")
 ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^\]]*\])?\+?=")
 
 
@@ -346,7 +347,10 @@ class Shell:
                                       before=f"type -t -- {quoted} 2>/dev/null; ")
         if outcome != "prompt":
             return ""
-        return capture.output().decode("utf-8", "replace").strip()
+        # bash may add a job's notice ("[1]+  Done ...") before the prompt: only a line that
+        # `type -t` can print counts.
+        lines = capture.output().decode("utf-8", "replace").split()
+        return next((line for line in lines if line in TYPE_WORDS), "")
 
 
 def child_pids(pid: int) -> list[int]:

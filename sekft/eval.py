@@ -187,15 +187,24 @@ def run_episode(scenario: Scenario, policy: Policy, config: EpisodeConfig,
             _play(episode, scenario, policy, shell, config, started)
         transcript = sandbox.stage("transcript.json",
                                    text=json.dumps(episode.messages, ensure_ascii=False))
-        check = sandbox.run_script(
-            scenario_ro[SCENARIO_DIR] / "check.sh",
-            {"SEKFT_ENDING": episode.ending, "SEKFT_PANIC_REASON": episode.panic_reason or "",
-             "SEKFT_TURNS": str(episode.turns)},
-            config.check_timeout,
-            {**scenario_ro, TRANSCRIPT_PATH: transcript},
-        )
-        episode.passed = check.returncode == 0
-        episode.check_output = _script_output(check)
+        try:
+            check = sandbox.run_script(
+                scenario_ro[SCENARIO_DIR] / "check.sh",
+                {"SEKFT_ENDING": episode.ending,
+                 "SEKFT_PANIC_REASON": episode.panic_reason or "",
+                 "SEKFT_TURNS": str(episode.turns)},
+                config.check_timeout,
+                {**scenario_ro, TRANSCRIPT_PATH: transcript},
+            )
+        except ScenarioError as e:
+            # Once the model has acted, a hung check is most likely its doing (a fifo where
+            # a file was expected): a failed episode, not one that drops out of n.
+            if episode.turns == 0:
+                raise
+            episode.passed, episode.check_output = False, str(e)
+        else:
+            episode.passed = check.returncode == 0
+            episode.check_output = _script_output(check)
     episode.seconds = time.monotonic() - started
     return episode
 
@@ -223,7 +232,12 @@ def _play(episode: Episode, scenario: Scenario, policy: Policy, shell: Shell,
         episode.messages.append({"role": "assistant", "content": reply.content})
         episode.turns += 1
         episode.command_mode.append(is_command(reply.content, lambda w: bool(shell.probe_type(w))))
-        result = shell.run(reply.content, scenario.command_timeout)
+        # The episode's limit holds during a command too, whatever the scenario allows one.
+        left = started + config.episode_timeout - time.monotonic()
+        if left <= 0:
+            episode.ending = "timeout"
+            break
+        result = shell.run(reply.content, min(scenario.command_timeout, left))
         episode.statuses.append(result.status)
         episode.timeouts += result.timed_out
         episode.restarts += result.restarted

@@ -14,10 +14,11 @@ Every later user turn is the output of the previous command line:
 
 - cleaned: decoded as UTF-8 (bad bytes become U+FFFD); `\\r\\n` becomes `\\n`; ANSI escape
   sequences (CSI, OSC, two-byte ESC) are removed; a lone `\\r` returns to the start of the
-  line and what follows overwrites it, as on a terminal (`10%\\r100%` shows `100%`, a CRLF
-  file shows its lines); a backspace erases the character before it (man pages' overstrike
-  bold `N\\bN` and underline `_\\bN` read as `N`); other control characters except tab
-  are removed.
+  line and a backspace one column back, and what follows overwrites, as on a terminal
+  (`10%\\r100%` shows `100%`, a CRLF file shows its lines, man's overstruck bold `N\\bN`
+  and underline `_\\bN` show `N`); other control characters except tab are removed, and so
+  are spaces and tabs at the end of a line (invisible on a terminal, they would only eat
+  into the cap).
 - capped: at most `max_bytes` UTF-8 bytes of output; a longer output keeps its first and
   last `max_bytes // 2` bytes around the line `[... N bytes omitted ...]`, where N counts
   the cleaned bytes dropped plus the raw bytes the shell reader had already dropped.
@@ -41,22 +42,32 @@ ANSI_RE = re.compile(
     r"|\x1b[@-Z\\-_]"  # two-byte escapes
 )
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-OVERSTRIKE_RE = re.compile(r"[^\n]\x08")
 
 
 def clean(raw: bytes) -> str:
     """Terminal bytes -> the text a reader of the terminal would see (rules in the docstring)."""
     text = raw.decode("utf-8", "replace").replace("\r\n", "\n")
-    text = OVERSTRIKE_RE.sub("", ANSI_RE.sub("", text))
-    return CONTROL_RE.sub("", "\n".join(overwrite(line) for line in text.split("\n")))
+    text = ANSI_RE.sub("", text)
+    lines = (CONTROL_RE.sub("", overwrite(line)).rstrip(" \t") for line in text.split("\n"))
+    return "\n".join(lines)
 
 
 def overwrite(line: str) -> str:
-    """A line as a terminal shows it: each `\\r` returns to column 0 and later text overwrites."""
-    shown = ""
-    for part in line.split("\r"):
-        shown = part + shown[len(part):]
-    return shown
+    """A line as a terminal shows it: `\\r` returns to column 0, `\\b` goes one column back
+    (not past the first), and later text overwrites what is under the cursor."""
+    if "\r" not in line and "\b" not in line:
+        return line
+    cells: list[str] = []
+    column = 0
+    for char in line:
+        if char == "\r":
+            column = 0
+        elif char == "\b":
+            column = max(0, column - 1)
+        else:
+            cells[column:column + 1] = [char]
+            column += 1
+    return "".join(cells)
 
 
 def cap(text: str, max_bytes: int = MAX_OUTPUT_BYTES, already_omitted: int = 0) -> str:

@@ -2,21 +2,28 @@
 
 What the model's processes get (see sekft/scenario.py for the world layout they see):
 - the world's five entries bound read-write; /usr, a small allow-list of /etc files and the
-  harness's /opt/sekft read-only; /, /etc and /dev remounted read-only, so the world is the
-  only writable place;
+  harness's /opt/sekft read-only (but for /opt/sekft/record, where `panic` leaves its
+  reason); /, /etc and /dev remounted read-only, so the world is the only other writable
+  place;
 - new user, pid, network, ipc, uts and cgroup namespaces (`--unshare-all`): no network at
   all (not even the host's loopback), no host processes, uid 1000 with no capabilities;
 - nothing of the host's home, /root, /tmp or secrets: /etc/shadow and friends are simply not
   bound, and /etc/passwd is our own two-line file;
 - resource limits set inside the namespace (`ulimit`), so they bind the sandbox without
   counting the host user's own processes: processes, file size, address space, CPU time;
+- a world of capped total size (`Limits.disk_bytes`): it is a tmpfs, never the host's disk,
+  held for the whole episode by a keeper process (util-linux's `unshare`) whose mount
+  namespace every sandboxed process enters (`nsenter`) before bubblewrap builds its sandbox;
+- bubblewrap's own options (host paths among them) passed through a file (`--args`), so
+  /proc/1/cmdline in the sandbox does not show them;
 - `--die-with-parent`: when the harness kills the sandbox's outer process, every process in
   the sandbox's pid namespace dies with it;
 - run as root, the harness starts bubblewrap as uid 65534 (nobody), because the process
   limit does not bind namespaces owned by root (see `sandbox_host_id`).
 
-Each sandbox lives in its own temp folder (world/, harness/, staged/); scenario folders and
-transcripts are staged (copied) there so the unprivileged uid can read them.
+Each sandbox lives in its own temp folder (world/ and record/, both tmpfs mountpoints,
+harness/, staged/); scenario folders and transcripts are staged (copied) there so the
+unprivileged uid can read them.
 
 bubblewrap is the `bubblewrap` package on Debian/Ubuntu/Fedora/Arch. Without it, callers
 must pass `sandbox=False` (`--no-sandbox`): commands then run on this machine as you, with
@@ -27,8 +34,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -48,6 +57,11 @@ TRANSCRIPT_PATH = f"{HARNESS_DIR}/transcript.json"
 UNPRIVILEGED_ID = 65534
 # Where the shell reads command lines too long for the terminal (see shell.py).
 INPUT_DIR = f"{HARNESS_DIR}/input"
+LIB_DIR = f"{HARNESS_DIR}/lib"
+
+# The terminal the shell runs in (see shell.py), as a person's would be.
+COLUMNS = 80
+LINES = 50
 
 # Where each world entry is bound inside the sandbox.
 WORLD_MOUNTS = {
@@ -68,11 +82,22 @@ ETC_ALLOW = (
     "vim", "debian_version", "os-release",
 )
 
-# The panic command the harness puts on PATH. It writes a marker the shell reader looks for
-# to the terminal itself (so redirecting its stdout cannot hide it); the reader then ends the
-# episode. The two control characters make an accidental match practically impossible.
-PANIC_MARKER = b"\x1eSEKFT-PANIC "
-PANIC_END = b"\x1f"
+# Where panic records its reason: the one harness folder the sandbox may write (see
+# PANIC_SCRIPT). The shell reader reads and clears it after every command, so a panic is
+# recorded however much output surrounds it and wherever its stdout goes.
+RECORD_DIR = f"{HARNESS_DIR}/record"
+RECORD_BYTES = 64 * 1024
+PANIC_FILE = "panic"
+# Sourced by the shell at the end of each line the harness types (see shell.py): gives PS1
+# the next prompt nonce and hands back the command's exit status. Only builtins, so it works
+# even when a fork bomb holds every process slot. PS1 is not exported, so a nested `bash`
+# never prints the harness's sentinel.
+PROMPT_SCRIPT = r"""# . prompt NONCE STATUS
+export -n PS1 PS2
+PS1="\036SEKFT$1 \$? \w\037"
+return "$2"
+"""
+# The panic command the harness puts on PATH.
 PANIC_SCRIPT = r"""#!/bin/sh
 # panic "reason": give up on the task because it cannot be done, saying why.
 # This ends the session.
@@ -80,9 +105,8 @@ if [ "$#" -eq 0 ]; then
     echo 'usage: panic "reason"' >&2
     exit 2
 fi
-reason=$(printf '%s' "$*" | tr '\036\037\n' '   ')
-printf '\036SEKFT-PANIC %s\037\n' "$reason" > /dev/tty 2>/dev/null ||
-    printf '\036SEKFT-PANIC %s\037\n' "$reason"
+reason=$(printf '%s' "$*" | tr '\n' ' ')
+printf '%s\n' "$reason" >> {record}
 echo "panic: $reason"
 """
 
@@ -93,11 +117,13 @@ class Limits:
 
     processes: int = 256
     file_bytes: int = 256 * 1024**2
+    # The whole world (sandboxed only): a tmpfs, so it is memory while in use.
+    disk_bytes: int = 512 * 1024**2
     memory_bytes: int = 4 * 1024**3
     cpu_seconds: int = 600
 
 
-def environment(columns: int = 500, lines: int = 50) -> dict[str, str]:
+def environment(columns: int = COLUMNS, lines: int = LINES) -> dict[str, str]:
     """The environment every process in the sandbox starts with (documented in scenario.py)."""
     return {
         "HOME": HOME,
@@ -114,6 +140,9 @@ def environment(columns: int = 500, lines: int = 50) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "COLUMNS": str(columns),
         "LINES": str(lines),
+        # man formats to the terminal's width, but only once it knows it: an 80-column page
+        # is what a person reads, and a wider one pads every header with spaces.
+        "MANWIDTH": str(columns),
     }
 
 
@@ -130,13 +159,15 @@ def make_world(world: Path, files: Path | None = None) -> None:
         shutil.copytree(files, world, dirs_exist_ok=True, symlinks=True)
 
 
-def make_harness(harness: Path, sandbox: bool) -> None:
-    """Write the read-only harness folder: bin/panic and, for the sandbox, passwd/group/hosts."""
-    (harness / "bin").mkdir(parents=True, exist_ok=True)
-    (harness / "input").mkdir(exist_ok=True)
+def make_harness(harness: Path, record: str, sandbox: bool) -> None:
+    """Write the read-only harness folder: bin/panic (writing its reason to the file
+    `record`), lib/prompt and, for the sandbox, passwd/group/hosts."""
+    for name in ("bin", "input", "lib"):
+        (harness / name).mkdir(parents=True, exist_ok=True)
     panic = harness / "bin" / "panic"
-    panic.write_text(PANIC_SCRIPT)
+    panic.write_text(PANIC_SCRIPT.replace("{record}", shlex.quote(record)))
     panic.chmod(0o755)
+    (harness / "lib" / "prompt").write_text(PROMPT_SCRIPT)
     if sandbox:
         etc = harness / "etc"
         etc.mkdir(exist_ok=True)
@@ -170,19 +201,20 @@ def _system_binds() -> list[str]:
     return argv
 
 
-def bwrap_argv(
-    bwrap: str,
+def bwrap_options(
     world: Path,
+    record: Path,
     harness: Path,
     readonly: dict[str, Path] | None = None,
 ) -> list[str]:
-    """The bubblewrap argv (up to and including `--`) for one sandbox over `world`.
+    """The bubblewrap options (no program, no `--`) for one sandbox over `world`, with
+    `record` as its panic record folder.
 
     `readonly` maps extra sandbox paths to host paths bound read-only (the scenario folder
     during setup and check, the transcript during check).
     """
     argv = [
-        bwrap, "--unshare-all", "--unshare-user", "--uid", str(UID), "--gid", str(UID),
+        "--unshare-all", "--unshare-user", "--uid", str(UID), "--gid", str(UID),
         "--cap-drop", "ALL", "--die-with-parent", "--hostname", HOSTNAME, *_system_binds(),
     ]
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/etc"]
@@ -192,23 +224,30 @@ def bwrap_argv(
     for name in ("passwd", "group", "hostname", "hosts"):
         argv += ["--ro-bind", str(harness / "etc" / name), f"/etc/{name}"]
     argv += ["--ro-bind", str(harness / "bin"), f"{HARNESS_DIR}/bin",
-             "--ro-bind", str(harness / "input"), INPUT_DIR]
+             "--ro-bind", str(harness / "input"), INPUT_DIR,
+             "--ro-bind", str(harness / "lib"), LIB_DIR,
+             "--bind", str(record), RECORD_DIR]
     for name, target in WORLD_MOUNTS.items():
         argv += ["--bind", str(world / name), target]
     for target, source in (readonly or {}).items():
         argv += ["--ro-bind", str(source), target]
     argv += ["--remount-ro", "/etc", "--remount-ro", "/dev", "--remount-ro", "/",
-             "--chdir", HOME, "--"]
+             "--chdir", HOME]
     return argv
 
 
 @functools.cache
 def find_bwrap() -> str | None:
-    """Path of a bubblewrap that can actually build our sandbox here, or None."""
+    """Path of a bubblewrap that can actually build our sandbox here, or None (also None
+    without util-linux's unshare and nsenter, which give every sandbox its capped disk)."""
     bwrap = shutil.which("bwrap")
-    if bwrap is None:
+    if bwrap is None or not (shutil.which("nsenter") and shutil.which("unshare")):
         return None
-    probe = [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL", "--die-with-parent",
+    # The way every sandbox runs: bubblewrap inside the user and mount namespaces of a keeper
+    # that mounted a size-capped tmpfs (see Sandbox._start_keeper).
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "/bin/sh", "-c",
+             'mount -t tmpfs -o size=65536 tmpfs /tmp && exec "$@"', "probe",
+             bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL", "--die-with-parent",
              *_system_binds(), "--", "/bin/sh", "-c", "true"]
     preexec = drop_privileges if sandbox_host_id() is not None else None
     try:
@@ -224,9 +263,10 @@ def require_bwrap() -> str:
     bwrap = find_bwrap()
     if bwrap is None:
         raise SandboxError(
-            "no usable sandbox: bubblewrap (`bwrap`) is missing or cannot create user "
-            "namespaces here; install it (apt install bubblewrap) or, only on a throwaway "
-            "machine, pass --no-sandbox to run the model's commands unconfined"
+            "no usable sandbox: bubblewrap (`bwrap`) or util-linux's unshare/nsenter is "
+            "missing, or user namespaces cannot be created here; install them (apt install "
+            "bubblewrap util-linux) or, only on a throwaway machine, pass --no-sandbox to "
+            "run the model's commands unconfined"
         )
     return bwrap
 
@@ -267,13 +307,19 @@ def _chown_tree(path: Path, uid: int) -> None:
 class Sandbox:
     """One episode's world and how to run things in it (sandboxed, or not when bwrap is None).
 
-    Lives in its own temp folder `root` (world/, harness/, staged files); use as a context
-    manager, or call remove(), to delete it.
+    Lives in its own temp folder `root` (world/, record/, harness/, staged files); use as a
+    context manager, or call remove(), to delete it. Sandboxed, world/ is a tmpfs of
+    `limits.disk_bytes` and record/ (where panic writes) a small one of its own, both held
+    by a keeper process (see `_start_keeper`): what the model writes, in total, fails past
+    the cap, never reaches the host's disk, cannot crowd out a panic, and is gone with the
+    sandbox.
     """
 
     root: Path
     bwrap: str | None
     limits: Limits = Limits()
+    keeper: subprocess.Popen | None = None
+    keeper_pid: int | None = None
 
     @classmethod
     def create(cls, files: Path | None = None, sandbox: bool = True,
@@ -284,11 +330,52 @@ class Sandbox:
         # Traversable by the unprivileged uid the sandbox may run as; still not listable.
         root.chmod(0o711)
         box = cls(root, bwrap, limits or Limits())
-        make_world(box.world, files)
-        make_harness(box.harness, sandbox)
-        if bwrap is not None and sandbox_host_id() is not None:
-            _chown_tree(box.world, UNPRIVILEGED_ID)
+        try:
+            record = root / "record" / PANIC_FILE
+            make_harness(box.harness, f"{RECORD_DIR}/{PANIC_FILE}" if bwrap else str(record),
+                         sandbox)
+            if bwrap is None:
+                make_world(root / "world", files)
+                record.parent.mkdir()
+            else:
+                make_world(root / "seed", files)
+                if sandbox_host_id() is not None:
+                    _chown_tree(root / "seed", UNPRIVILEGED_ID)
+                box._start_keeper(root / "seed")
+                shutil.rmtree(root / "seed")
+        except BaseException:
+            box.remove()
+            raise
         return box
+
+    def _start_keeper(self, seed: Path) -> None:
+        """Start the process whose mount namespace holds world/ and record/ as size-capped
+        tmpfs, the world a copy of `seed`. Every sandboxed process enters that namespace
+        first (`argv`): a tmpfs made by one bubblewrap dies with it, and the world must
+        outlive setup.sh, each shell and check.sh.
+
+        The keeper is util-linux's unshare (any bubblewrap version will do) and lives until
+        its stdin, a pipe only this process holds, closes: at remove(), or when we die.
+        """
+        world, record = self.root / "world", self.root / "record"
+        world.mkdir()
+        record.mkdir()
+        script = ('o=mode=0755,nosuid,nodev; mount -t tmpfs -o "$o,size=$2" tmpfs "$1" && '
+                  'mount -t tmpfs -o "$o,size=$4" tmpfs "$3" && cp -a "$0"/. "$1"/ && '
+                  "echo $$ && read -r _")
+        self.keeper = subprocess.Popen(
+            ["unshare", "--user", "--map-root-user", "--mount", "/bin/sh", "-c", script,
+             str(seed), str(world), str(self.limits.disk_bytes), str(record),
+             str(RECORD_BYTES)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=self.preexec())
+        assert self.keeper.stdout is not None and self.keeper.stderr is not None
+        pid = self.keeper.stdout.readline().strip()
+        if not pid.isdigit():
+            said = self.keeper.stderr.read().decode("utf-8", "replace").strip()[-500:]
+            raise SandboxError(f"could not build the world's {self.limits.disk_bytes} byte "
+                               f"disk (files/ too large?): {said!r}")
+        self.keeper_pid = int(pid)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -297,11 +384,21 @@ class Sandbox:
         self.remove()
 
     def remove(self) -> None:
+        if self.keeper is not None:
+            self.keeper.communicate()  # closes its stdin: it exits, and its tmpfs go
+            self.keeper = self.keeper_pid = None
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _reach(self, name: str) -> Path:
+        """root/`name` as this process reaches it: through the keeper's root if there is one."""
+        path = self.root / name
+        if self.keeper_pid is None:
+            return path
+        return Path(f"/proc/{self.keeper_pid}/root") / path.relative_to("/")
 
     @property
     def world(self) -> Path:
-        return self.root / "world"
+        return self._reach("world")
 
     @property
     def harness(self) -> Path:
@@ -341,7 +438,18 @@ class Sandbox:
         inner = limits_prefix(self.limits) + command
         if self.bwrap is None:
             return inner
-        return bwrap_argv(self.bwrap, self.world, self.harness, readonly) + inner
+        # bubblewrap's argv is what /proc/1/cmdline shows in the sandbox: its options, the
+        # host path of the world among them, go through a file read on fd 3 instead.
+        fd, args = tempfile.mkstemp(dir=self.root, prefix="bwrap-args-")
+        options = bwrap_options(self.root / "world", self.root / "record", self.harness,
+                                readonly)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(os.fsencode(option) + b"\0" for option in options))
+        os.chmod(args, 0o644)
+        return ["nsenter", "--user", "--mount", "--preserve-credentials",
+                "--target", str(self.keeper_pid), "--",
+                "/bin/sh", "-c", 'exec 3< "$0" && exec "$@"', args,
+                self.bwrap, "--args", "3", "--", *inner]
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """The process environment: the sandbox one, remapped to host paths without bwrap."""
@@ -359,6 +467,36 @@ class Sandbox:
         path.write_text(text, encoding="utf-8")
         path.chmod(0o644)
         return f"{INPUT_DIR}/command" if self.bwrap is not None else str(path)
+
+    def prompt_script(self) -> str:
+        """Path of the prompt script (PROMPT_SCRIPT) as the sandbox sees it."""
+        if self.bwrap is None:
+            return str(self.harness / "lib" / "prompt")
+        return f"{LIB_DIR}/prompt"
+
+    def take_panic(self) -> str | None:
+        """The reason the first `panic` since the last call gave (None: no panic); clears it.
+
+        The sandbox can write the record folder, so the record is read as a hostile file:
+        never through a symlink, never blocking on a fifo, at most 4 KiB.
+        """
+        record = self._reach("record") / PANIC_FILE
+        try:
+            fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError:  # a symlink: not panic's doing, and in the way of the next one
+            record.unlink(missing_ok=True)
+            return None
+        try:
+            data = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        finally:
+            os.close(fd)
+        record.unlink(missing_ok=True)
+        if data is None:
+            return None
+        lines = data.decode("utf-8", "replace").splitlines()
+        return lines[0].strip() if lines else ""
 
     def cwd(self) -> str | None:
         """Working directory to start processes in (bubblewrap sets its own)."""

@@ -21,9 +21,11 @@ scenario.json, all keys required except `meta`; unknown keys are an error (typos
       "meta": {}                        # optional, free-form (generator seed, params...)
     }
 
-The world. Each episode gets a fresh host folder W; inside the sandbox the model's user is
-`user` (uid 1000) on host `sandbox`, and these are the ONLY writable places, all of them
-bound from W (everything else is read-only system files or absent):
+The world. Each episode gets a fresh world W (in the sandbox a tmpfs of 512 MiB in all,
+never the host's disk: writes past that fail with "No space left on device"); inside the
+sandbox the model's user is `user` (uid 1000) on host `sandbox`, and these are the ONLY
+writable places, all of them bound from W (everything else is read-only system files or
+absent):
 
     W/home   -> /home/user    HOME and the login directory
     W/local  -> /usr/local    provider tools in /usr/local/bin (first on PATH), man pages in
@@ -43,7 +45,8 @@ records the reason and ends the session. `exit` (the shell ending) ends it too.
 Environment inside the sandbox (setup, episode and check alike): HOME=/home/user,
 USER=LOGNAME=user, SHELL=/bin/bash, PATH=/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:
 /bin:/sbin:/opt/sekft/bin, MANPATH=/usr/local/share/man:/usr/share/man, MAIL=/var/mail/user,
-TERM=dumb, PAGER=MANPAGER=GIT_PAGER=cat, LANG=C.UTF-8. No network, no /root, no host /tmp.
+TERM=dumb, PAGER=MANPAGER=GIT_PAGER=cat, LANG=C.UTF-8, COLUMNS=MANWIDTH=80, LINES=50
+(an 80x50 terminal). No network, no /root, no host /tmp.
 
 setup.sh runs as `bash setup.sh` with cwd /home/user and, in addition,
 SEKFT_SCENARIO=/opt/sekft/scenario: this folder, read-only (only during setup and check, so
@@ -71,6 +74,7 @@ paths such as /usr/local or /etc/motd would be the host's own.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +138,11 @@ def _choice(where: str, key: str, value: object, choices: tuple[str, ...]) -> st
 
 def _positive(where: str, key: str, value: object, kind: type) -> int | float:
     ok_types = (int,) if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_types) or value <= 0:
-        noun = "integer" if kind is int else "number (seconds)"
+    # json reads NaN and Infinity as floats: neither is a time limit (NaN breaks select(),
+    # Infinity would never interrupt a hung command).
+    if (isinstance(value, bool) or not isinstance(value, ok_types)
+            or not math.isfinite(value) or value <= 0):
+        noun = "integer" if kind is int else "finite number (seconds)"
         raise ScenarioError(f"{where}: field {key!r}: {value!r} must be a positive {noun}")
     return kind(value)
 
@@ -188,7 +195,12 @@ def load_scenario(folder: str | Path) -> Scenario:
         raise ScenarioError(f"{folder}: missing {missing}; a scenario folder needs "
                             f"{list(REQUIRED_FILES)} (and optionally files/)")
     where = str(folder / "scenario.json")
-    fields = parse_scenario_json((folder / "scenario.json").read_text(encoding="utf-8"), where)
+    try:
+        text = (folder / "scenario.json").read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"{where}: not UTF-8 (byte {e.start} is {e.object[e.start]:#04x}); "
+                            "save it as UTF-8") from None
+    fields = parse_scenario_json(text, where)
     files = folder / "files"
     if files.exists():
         if not files.is_dir():

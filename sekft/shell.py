@@ -2,15 +2,21 @@
 
 The shell is interactive (job control, Ctrl-C, `cd` and variables persist) but tamed:
 - no rc files, no readline (`--noediting`, so no bracketed paste or line editing), no echo
-  of what we type, history expansion off, TERM=dumb, pagers are `cat`, and a fixed wide
-  terminal (500x50) so nothing wraps;
-- PS1 is a sentinel with a per-shell random nonce carrying the exit status and `\\w`; the
-  reader waits for it, so output is exactly what the command printed. The prompt the model
-  sees is rendered from it (`user@sandbox:~$ `);
+  of what we type, history expansion off, TERM=dumb, pagers are `cat`, and a fixed 80x50
+  terminal (the pty inserts no line breaks, so a longer line still arrives whole);
+- PS1 is a sentinel carrying the exit status and `\\w` behind a random nonce that changes
+  with every line the harness types; the reader waits for the current one, so output is
+  exactly what the command printed. The prompt the model sees is rendered from it
+  (`user@sandbox:~$ `). The new nonce is set by a builtin-only script sourced after the
+  command has run (see sandbox.PROMPT_SCRIPT), so nothing a command prints by accident, an
+  old prompt echoed back or a nested `bash` (PS1 is not exported), ends the read early;
 - each command line is first parsed with `bash -n`; a syntax error never reaches the shell
   (it could leave bash waiting for more input), the model sees bash's own message instead.
-  A command is sent wrapped in `{ ...\\n}` so a multi-line command is one unit and yields
-  one prompt (one with a line too long for the terminal is sourced from a file instead);
+  A command is sent wrapped in `{ ...\\n} ; . prompt NONCE $?` so a multi-line command is one
+  unit, is parsed whole before it runs, and yields one prompt (one with a line too long for
+  the terminal is sourced from a file instead);
+- `panic` writes its reason to a file the reader collects after each command
+  (Sandbox.take_panic), so no amount of output around it can lose it;
 - a per-command wall-clock timeout sends Ctrl-C; if no prompt comes back within a grace
   period the whole sandbox is killed and a fresh shell started (the world on disk stays).
 """
@@ -31,14 +37,13 @@ from pathlib import Path
 import pexpect
 
 from sekft.errors import SandboxError
-from sekft.sandbox import HOSTNAME, PANIC_END, PANIC_MARKER, USER, Sandbox
+from sekft.sandbox import COLUMNS, HOSTNAME, LINES, USER, Sandbox
 
-COLUMNS = 500
-LINES = 50
 START_TIMEOUT = 30.0
 # The terminal's line discipline keeps at most 4095 bytes of a line being typed; a longer
 # line is sourced from a file instead (same shell, same effect, just not typed).
 MAX_TYPED_LINE = 4000
+TYPE_WORDS = ("alias", "keyword", "function", "builtin", "file")
 ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^\]]*\])?\+?=")
 
 
@@ -70,8 +75,8 @@ def syntax_error(command: str) -> str | None:
     A here-document left open at the end counts as an error too: an interactive bash would
     sit waiting for its delimiter.
     """
-    # The braces the command is sent in must parse too, unless there is nothing to run.
-    wrapped = ["{ " + command + "\n}\n"] if first_word(command) is not None else []
+    # The line the command is sent as must parse too, unless there is nothing to run.
+    wrapped = [typed_line(command, "prompt", "0")] if first_word(command) is not None else []
     for text in [command, *wrapped]:
         done = subprocess.run(["bash", "-n"], input=text.encode("utf-8", "replace"),
                               capture_output=True)
@@ -98,6 +103,18 @@ def first_word(command: str) -> str | None:
     return None
 
 
+def typed_line(command: str, prompt_script: str, nonce: str) -> str:
+    """What the shell is sent for `command`: one brace group, then the prompt script sourced
+    with the next nonce and the group's status, all parsed before anything runs."""
+    return "{ " + command + f"\n}} ; . {shlex.quote(prompt_script)} {nonce} $?\n"
+
+
+def sentinel(*nonces: str) -> re.Pattern:
+    """The prompt the shell prints once PS1 carries one of `nonces`: status and directory."""
+    either = b"|".join(n.encode() for n in nonces)
+    return re.compile(rb"\x1eSEKFT(?:" + either + rb") (\d+) ([^\x1f]*)\x1f")
+
+
 class _Capture:
     """Terminal bytes of one command: all of them, or head and tail once past 2*keep."""
 
@@ -106,8 +123,10 @@ class _Capture:
         self.head = b""
         self.body = bytearray()
         self.omitted = 0
+        self.received = 0
 
     def add(self, chunk: bytes) -> None:
+        self.received += len(chunk)
         self.body += chunk
         if not self.head and len(self.body) > 2 * self.keep:
             self.head = bytes(self.body[: self.keep])
@@ -117,9 +136,13 @@ class _Capture:
             self.omitted += drop
             del self.body[:drop]
 
-    def search_end(self, pattern: re.Pattern, chunk_len: int) -> re.Match | None:
+    def search_end(self, pattern: re.Pattern, chunk_len: int, since: int = 0) -> re.Match | None:
+        """The first match of `pattern` that ends in the newest chunk and starts at or after
+        the `since`-th byte received."""
         # The sentinel is bounded by PATH_MAX, so only the newest bytes need searching.
-        return pattern.search(self.body, max(0, len(self.body) - chunk_len - 8192))
+        start = max(0, len(self.body) - chunk_len - 8192,
+                    since - (self.received - len(self.body)))
+        return pattern.search(self.body, start)
 
     def output(self) -> bytes:
         return self.head + bytes(self.body)
@@ -146,16 +169,14 @@ class Shell:
     def start(self) -> None:
         """Start a fresh bash in the sandbox and wait for its first prompt."""
         self.nonce = secrets.token_hex(8)
-        self.sentinel = re.compile(
-            rb"\x1eSEKFT" + self.nonce.encode() + rb" (\d+) ([^\x1f]*)\x1f"
-        )
         env = self.sandbox.env({
-            "SEKFT_PS1": f"\x1eSEKFT{self.nonce} $? \\w\x1f",
+            "SEKFT_PS1": f"\\036SEKFT{self.nonce} $? \\w\\037",
             "HISTFILE": "",
             "HISTCONTROL": "ignorespace",
         })
         # A non-interactive bash (the limits wrapper) drops PS1 from the environment, so the
-        # prompt travels as SEKFT_PS1 and becomes PS1 just before the interactive exec.
+        # prompt travels as SEKFT_PS1 and becomes PS1 just before the interactive exec; once
+        # bash is up, the prompt script un-exports it and moves to a fresh nonce.
         argv = self.sandbox.argv(["/bin/bash", "-c", (
             'export PS1="$SEKFT_PS1" PS2=""; unset SEKFT_PS1; '
             "exec /bin/bash --noprofile --norc --noediting +H -i"
@@ -172,7 +193,10 @@ class Shell:
         self.child.delayafterclose = self.child.ptyproc.delayafterclose = 0.0
         self.child.delayafterterminate = self.child.ptyproc.delayafterterminate = 0.01
         capture = _Capture(self.keep)
-        outcome = self._read(capture, time.monotonic() + START_TIMEOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        outcome = self._read(capture, deadline)
+        if outcome == "prompt":
+            outcome = self._source_prompt("0", capture, deadline)
         if outcome != "prompt":
             said = capture.output().decode("utf-8", "replace").strip()[-500:]
             self.close()
@@ -201,10 +225,14 @@ class Shell:
         """The prompt as the model sees it, for the current directory."""
         return f"{USER}@{HOSTNAME}:{self.cwd}$ "
 
-    def _read(self, capture: _Capture, deadline: float) -> str:
-        """Read into `capture` until the prompt ("prompt"), EOF ("eof") or `deadline`
-        ("timeout")."""
+    def _read(self, capture: _Capture, deadline: float,
+              expect: re.Pattern | None = None) -> str:
+        """Read into `capture` until the prompt (`expect`, default: the current nonce's;
+        "prompt"), EOF ("eof") or `deadline` ("timeout"). Only bytes that arrive during this
+        call can be the prompt."""
         assert self.child is not None
+        expect = expect or sentinel(self.nonce)
+        since = capture.received
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -216,7 +244,7 @@ class Shell:
             except pexpect.EOF:
                 return "eof"
             capture.add(chunk)
-            found = capture.search_end(self.sentinel, len(chunk))
+            found = capture.search_end(expect, len(chunk), since)
             if found:
                 self.status = int(found.group(1))
                 self.cwd = found.group(2).decode("utf-8", "replace")
@@ -246,9 +274,12 @@ class Shell:
             return result
         assert self.child is not None
         capture = _Capture(self.keep)
-        typed = "{ " + command + "\n}\n"
+        before, self.nonce = self.nonce, secrets.token_hex(8)
+        prompt_script = self.sandbox.prompt_script()
+        typed = typed_line(command, prompt_script, self.nonce)
         if max(len(line.encode()) for line in typed.split("\n")) > MAX_TYPED_LINE:
-            typed = f"{{ . {shlex.quote(self.sandbox.input_file(command + chr(10)))}\n}}\n"
+            source = f". {shlex.quote(self.sandbox.input_file(command + chr(10)))}"
+            typed = typed_line(source, prompt_script, self.nonce)
         try:
             self.child.send(typed.encode("utf-8", "replace"))
             outcome = self._read(capture, time.monotonic() + timeout)
@@ -256,8 +287,7 @@ class Shell:
             outcome = "eof"
         if outcome == "timeout":
             result.timed_out = True
-            self.child.sendcontrol("c")
-            outcome = self._read(capture, time.monotonic() + self.kill_grace)
+            outcome = self._interrupt(capture, before)
         if outcome == "timeout":
             self.close()
             self.start()
@@ -270,25 +300,57 @@ class Shell:
         else:
             result.status = self.status
         result.cwd = self.cwd
-        result.output, result.panic_reason = _strip_panic(capture.output())
+        result.output = capture.output()
         result.omitted = capture.omitted
+        result.panic_reason = self.sandbox.take_panic()
         return result
+
+    def _interrupt(self, capture: _Capture, before: str) -> str:
+        """Ctrl-C the running command and get back in step: "prompt", "eof" or "timeout".
+
+        Ctrl-C abandons the rest of the typed line, prompt script included, so bash prompts
+        with the nonce from `before` the command. The prompt script then moves to a fresh
+        one: whatever the interrupted command left on screen cannot pass for the next prompt.
+        """
+        assert self.child is not None
+        self.child.sendcontrol("c")
+        deadline = time.monotonic() + self.kill_grace
+        outcome = self._read(capture, deadline, sentinel(self.nonce, before))
+        if outcome != "prompt":
+            return outcome
+        return self._source_prompt(str(self.status), capture, deadline)
+
+    def _source_prompt(self, status: str, capture: _Capture, deadline: float,
+                       before: str = "") -> str:
+        """Send `before` then the prompt script with a fresh nonce and `status` as one hidden
+        line (leading space: not in history), and read to its prompt."""
+        assert self.child is not None
+        self.nonce = secrets.token_hex(8)
+        line = f" {before}. {shlex.quote(self.sandbox.prompt_script())} {self.nonce} {status}\n"
+        try:
+            self.child.send(line.encode("utf-8", "replace"))
+        except OSError:
+            return "eof"
+        return self._read(capture, deadline)
 
     def probe_type(self, word: str) -> str:
         """bash's `type -t` of `word` in the shell's current state ('' if not runnable).
 
-        Sent hidden (leading space, so not in history) and followed by `(exit N)` so the
-        model's next `$?` is still its own command's status.
+        Builtins only, so it never forks (a fork bomb may hold every process slot), and the
+        prompt script hands back the model's last status, so its next `$?` is still its own.
         """
         if "\n" in word or "\x00" in word or not self.alive:
             return ""
-        assert self.child is not None
         quoted = "'" + word.replace("'", "'\\''") + "'"
-        self.child.send(f" type -t -- {quoted} 2>/dev/null; (exit {self.status})\n".encode())
         capture = _Capture(self.keep)
-        if self._read(capture, time.monotonic() + 10.0) != "prompt":
+        outcome = self._source_prompt(str(self.status), capture, time.monotonic() + 10.0,
+                                      before=f"type -t -- {quoted} 2>/dev/null; ")
+        if outcome != "prompt":
             return ""
-        return capture.output().decode("utf-8", "replace").strip()
+        # bash may add a job's notice ("[1]+  Done ...") before the prompt: only a line that
+        # `type -t` can print counts.
+        lines = capture.output().decode("utf-8", "replace").split()
+        return next((line for line in lines if line in TYPE_WORDS), "")
 
 
 def child_pids(pid: int) -> list[int]:
@@ -310,17 +372,3 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _strip_panic(output: bytes) -> tuple[bytes, str | None]:
-    """`output` without the panic marker, and the reason it carried (None: no panic)."""
-    start = output.find(PANIC_MARKER)
-    if start < 0:
-        return output, None
-    end = output.find(PANIC_END, start)
-    end = len(output) if end < 0 else end
-    reason = output[start + len(PANIC_MARKER):end].decode("utf-8", "replace").strip()
-    rest = output[end + 1:]
-    if rest.startswith(b"\r\n"):
-        rest = rest[2:]
-    return output[:start] + rest, reason

@@ -155,6 +155,17 @@ def test_episode_wall_clock_runs_out():
 
 
 @needs_bwrap
+def test_episode_timeout_interrupts_a_hung_command_whatever_the_scenario_allows(tmp_path):
+    s = scenario("write-done", tmp_path, command_timeout=30)
+    config = EpisodeConfig(kill_grace=3.0, episode_timeout=1.0)
+    episode = run_episode(s, replay(["cat", "echo ok > done"]), config)
+    assert (episode.ending, episode.turns, episode.timeouts) == ("timeout", 1, 1)
+    assert "sent Ctrl-C" in episode.messages[2]["content"]
+    # Ctrl-C came within the episode's limit plus the grace, not after the scenario's.
+    assert episode.seconds < 1.0 + config.kill_grace + 10
+
+
+@needs_bwrap
 def test_context_exhaustion_ends_the_episode():
     def policy(messages):
         if len(messages) > 2:
@@ -172,6 +183,16 @@ def test_command_that_never_returns_is_cut_off_and_the_episode_continues(tmp_pat
     episode = run_episode(s, replay([command, "echo ok > done", "exit"]), FAST)
     assert "sent Ctrl-C" in episode.messages[2]["content"]
     assert (episode.timeouts, episode.passed, episode.turns) == (1, True, 3)
+
+
+@needs_bwrap
+def test_a_fenced_reply_is_not_a_command_and_the_episode_goes_on_in_step(tmp_path):
+    s = scenario("write-done", tmp_path, command_timeout=1)
+    fenced = "```bash\ncat TODO\n```"
+    episode = run_episode(s, replay([fenced, "cat TODO", "echo ok > done", "exit"]), FAST)
+    assert episode.command_mode == [False, True, True, True]
+    assert "Write the word ok" in episode.messages[4]["content"]
+    assert (episode.ending, episode.passed, episode.turns) == ("exit", True, 4)
 
 
 @needs_bwrap
@@ -193,6 +214,28 @@ def test_failing_setup_is_a_scenario_error_not_a_model_failure(tmp_path):
     summary = summarize(episodes)
     assert (summary["episodes"], summary["scenario_errors"]) == (1, 1)
     assert summary["checker_pass"]["k"] == 1
+
+
+@needs_bwrap
+def test_check_hung_by_the_models_doing_is_a_failed_episode_not_a_scenario_error(tmp_path):
+    s = scenario("write-done", tmp_path, id="fifo-done")
+    # The model leaves a fifo where the check reads a file: the check hangs on it.
+    (s.path / "check.sh").write_text('grep -qx ok "$HOME/done"\n')
+    config = EpisodeConfig(kill_grace=3.0, check_timeout=1.0)
+    episodes = run_suite([s], lambda sc: replay(["rm -f done; mkfifo done", "exit"]), config)
+    assert episodes[0].error is None and episodes[0].passed is False
+    assert "still running after 1s" in episodes[0].check_output
+    summary = summarize(episodes)
+    assert (summary["episodes"], summary["scenario_errors"]) == (1, 0)
+
+
+@needs_bwrap
+def test_a_check_that_hangs_before_the_model_acted_is_still_a_scenario_error(tmp_path):
+    s = scenario("write-done", tmp_path, id="hung-check")
+    (s.path / "check.sh").write_text("sleep 100\n")
+    config = EpisodeConfig(kill_grace=3.0, check_timeout=0.5, episode_timeout=0.0)
+    episode = run_suite([s], lambda sc: replay([]), config)[0]
+    assert episode.error is not None and "still running" in episode.error
 
 
 def _episodes():

@@ -2,6 +2,7 @@
 the harness must keep working after each."""
 
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -165,3 +166,40 @@ def test_without_sandbox_the_shell_lives_in_the_world_folder():
 def test_no_sandbox_warning_is_loud(capsys):
     warn_no_sandbox()
     assert "UNCONFINED" in capsys.readouterr().err
+
+
+def test_bubblewraps_command_line_does_not_show_the_host_path_of_the_world(box):
+    result = run(box, "tr '\\0' ' ' < /proc/1/cmdline; echo; tr '\\0' ' ' < /proc/1/environ")
+    assert b"bwrap" in result.output and b"--uid" not in result.output
+    assert str(box.root).encode() not in result.output
+
+
+def test_the_worlds_total_size_is_capped_and_none_of_it_lands_on_the_host_disk():
+    limits = Limits(file_bytes=2 * 1024**2, disk_bytes=4 * 1024**2)
+    with Sandbox.create(limits=limits) as box, Shell(box, kill_grace=3.0) as sh:
+        result = sh.run("for i in 1 2 3 4; do head -c 1500K /dev/zero > ~/f$i; done; "
+                        "head -c 1M /dev/zero > /tmp/t; panic 'the disk is full'", timeout=10)
+        assert result.output.count(b"No space left on device") >= 2
+        # The episode goes on: the shell answers, and panic still found room for its record.
+        assert result.panic_reason == "the disk is full"
+        assert sh.run("echo still here", timeout=5).output == b"still here\r\n"
+        written = sum(p.stat().st_size for p in box.world.rglob("*") if p.is_file())
+        assert 3 * 1024**2 < written <= 4 * 1024**2
+        on_host = sum(p.stat().st_size for p in box.root.rglob("*") if p.is_file())
+        assert on_host < 1024**2
+
+
+def test_the_worlds_keeper_dies_with_the_harness():
+    import subprocess
+    import sys
+
+    code = ("import os; from sekft.sandbox import Sandbox; box = Sandbox.create(); "
+            "print(box.keeper_pid, box.root, flush=True); os._exit(0)")
+    harness = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    pid, root = harness.stdout.decode().split()
+    shutil.rmtree(root)
+    keeper = int(pid)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{keeper}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{keeper}").exists()

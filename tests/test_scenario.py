@@ -57,13 +57,37 @@ def test_malformed_json_names_file_and_line(tmp_path):
         ("expect", "done", "'expect': 'done' must be one of"),
         ("turn_budget", 0, "'turn_budget': 0 must be a positive integer"),
         ("turn_budget", 2.5, "'turn_budget': 2.5 must be a positive integer"),
-        ("command_timeout", "10", "'command_timeout': '10' must be a positive number"),
+        ("command_timeout", "10", "'command_timeout': '10' must be a positive finite number"),
+        ("command_timeout", float("nan"), "'command_timeout': nan must be a positive finite"),
+        ("command_timeout", float("inf"), "'command_timeout': inf must be a positive finite"),
+        ("turn_budget", float("inf"), "'turn_budget': inf must be a positive integer"),
         ("id", "Has Space", "'id': 'Has Space' is not a name"),
     ],
 )
 def test_bad_field_value_is_named(key, value, message):
     with pytest.raises(ScenarioError, match=message):
         parse_scenario_json(json.dumps({**VALID, key: value}), "s.json")
+
+
+def test_nan_and_infinity_in_the_file_are_named_in_one_line(tmp_path):
+    folder = _copy(tmp_path)
+    for literal in ("NaN", "Infinity"):
+        text = json.dumps({**VALID, "command_timeout": 1}).replace(": 1,", f": {literal},")
+        (folder / "scenario.json").write_text(text)
+        with pytest.raises(ScenarioError, match=r"scenario\.json: field 'command_timeout'"):
+            load_scenario(folder)
+
+
+def test_non_utf8_scenario_json_is_one_line_naming_the_file(tmp_path, capsys):
+    from sekft.eval import main
+
+    folder = _copy(tmp_path)
+    (folder / "scenario.json").write_bytes(json.dumps(VALID).encode().replace(b'"d"', b'"\xe9"'))
+    with pytest.raises(ScenarioError, match=r"scenario\.json: not UTF-8 \(byte \d+ is 0xe9\)"):
+        load_scenario(folder)
+    assert main(["--base", "x", "--scenarios", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "scenario.json: not UTF-8" in err
 
 
 def test_missing_and_unknown_keys_are_errors():

@@ -239,6 +239,19 @@ def test_man_page_is_readable_in_the_sandbox(tmp_path):
     assert "\b" not in page
 
 
+@needs_bwrap
+def test_man_page_reads_as_a_person_sees_it_on_an_80_column_terminal(tmp_path):
+    scenario = load_scenario(write_scenario(build("ledger", 0), tmp_path))
+    episode = run_episode(scenario, replay(["man ledger", "exit"]), EpisodeConfig())
+    *page, prompt = episode.messages[2]["content"].split("\n")
+    assert "NAME" in page and "NNAAMMEE" not in "\n".join(page)
+    assert "       ledger add ITEM COUNT" in page
+    # No padding to a 500-column terminal: the page fits 80 columns and ends no line in
+    # spaces, so the observation cap is spent on the page.
+    assert max(len(line) for line in page) <= 80
+    assert all(line == line.rstrip() for line in page) and prompt == "user@sandbox:~$ "
+
+
 def test_unseen_words_flags_a_word_typed_before_it_was_shown():
     messages = [{"role": "user", "content": "Welcome.\n$ "},
                 {"role": "assistant", "content": "cat apple.txt"},

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sekft.observation import cap, clean, login, observe, overwrite
-from sekft.sandbox import Sandbox, find_bwrap
+from sekft.sandbox import Limits, Sandbox, find_bwrap
 from sekft.shell import CommandResult, Shell, syntax_error
 
 pytestmark = pytest.mark.skipif(find_bwrap() is None, reason="needs bubblewrap")
@@ -136,10 +136,10 @@ def test_exit_ends_the_shell(shell):
     assert result.ended and result.status == 3 and not shell.alive
 
 
-def test_panic_records_its_reason_and_hides_the_marker(shell):
-    result = shell.run("panic 'no deploy key' > /dev/null", timeout=5)
+def test_panic_records_its_reason_and_shows_it(shell):
+    result = shell.run("panic 'no deploy key'", timeout=5)
     assert result.panic_reason == "no deploy key"
-    assert b"SEKFT-PANIC" not in result.output
+    assert result.output == b"panic: no deploy key\r\n"
 
 
 def test_type_probe_keeps_the_models_exit_status(shell):
@@ -147,6 +147,13 @@ def test_type_probe_keeps_the_models_exit_status(shell):
     assert shell.probe_type("ls") == "file" and shell.probe_type("cd") == "builtin"
     assert shell.probe_type("no-such-thing") == ""
     assert shell.run("echo $?", timeout=5).output == b"1\r\n"
+
+
+def test_type_probe_is_not_fooled_by_a_job_notice_before_the_prompt(shell):
+    shell.run("sleep 0.2 &", timeout=5)
+    time.sleep(0.5)
+    assert shell.probe_type("no-such-thing") == ""
+    assert shell.probe_type("ls") == "file"
 
 
 def test_clean_strips_ansi_and_applies_carriage_returns():
@@ -164,6 +171,28 @@ def test_clean_reads_man_page_overstrike_as_plain_text():
 ])
 def test_carriage_return_overwrites_like_a_terminal(line, shown):
     assert overwrite(line) == shown
+
+
+@pytest.mark.parametrize(("line", "shown"), [
+    ("A\bA", "A"), ("_\bX", "X"), ("N\bNA\bAM\bME\bE", "NAME"), ("ab\b\b\bc", "cb"),
+    ("abc\b\rx", "xbc"),
+])
+def test_backspace_overwrites_like_a_terminal(line, shown):
+    assert overwrite(line) == shown
+
+
+def test_clean_drops_trailing_spaces_a_terminal_would_not_show():
+    assert clean(b"LEDGER(1)    LEDGER(1)     \t\r\n  indented\r\n") == (
+        "LEDGER(1)    LEDGER(1)\n  indented\n")
+
+
+def test_overstruck_output_reads_as_on_screen(shell):
+    assert clean(shell.run("printf 'A\\bA\\n_\\bX\\n'", timeout=5).output) == "A\nX\n"
+
+
+def test_terminal_is_80_columns_for_the_shell_and_man(shell):
+    result = shell.run("stty size; echo $COLUMNS $MANWIDTH", timeout=5)
+    assert result.output == b"50 80\r\n80 80\r\n"
 
 
 def test_cap_keeps_head_and_tail_and_counts_what_it_dropped():
@@ -201,3 +230,70 @@ def test_shell_that_died_between_commands_reports_the_session_ended(shell):
     shell.run("(sleep 0.2; kill -9 $$) > /dev/null 2>&1 &", timeout=5)
     time.sleep(0.6)
     assert shell.run("echo too late", timeout=5).ended
+
+
+FENCED_REPLY = "```bash\ncat WELCOME\n```"
+
+
+@pytest.mark.parametrize("reply", [FENCED_REPLY, "bash", "bash -i"])
+def test_a_nested_bash_never_passes_for_the_prompt_nor_desynchronises_the_reader(reply):
+    # Chat models answer in fences: the backticks run an interactive bash reading the
+    # terminal. Whatever becomes of it, probes and commands afterwards get their own output.
+    with Sandbox.create() as box, Shell(box, kill_grace=1.0) as sh:
+        sh.run("echo hello > WELCOME", timeout=5)
+        nested = sh.run(reply, timeout=1)
+        assert nested.timed_out and b"SEKFT" not in nested.output
+        assert sh.probe_type("ls") == "file" and sh.probe_type("cd") == "builtin"
+        assert sh.run("echo next", timeout=5).output == b"next\r\n"
+        assert sh.probe_type("cat") == "file"
+        assert sh.run("cd /tmp; echo $?", timeout=5).output == b"0\r\n"
+        assert sh.prompt() == "user@sandbox:/tmp$ "
+
+
+@pytest.mark.parametrize("command", [
+    'echo "${PS1@P}"; sleep 0.3; echo after',
+    "bash -c 'printf \"%s\\n\" \"${PS1@P}\"'; sleep 0.3; echo after",
+    "tr '\\0' '\\n' < /proc/$$/environ | grep -a PS1; sleep 0.3; echo after",
+])
+def test_a_command_printing_the_prompt_it_can_see_does_not_end_the_read(shell, command):
+    result = shell.run(command, timeout=5)
+    assert result.output.endswith(b"after\r\n") and not result.timed_out
+    assert shell.run("echo next", timeout=5).output == b"next\r\n"
+
+
+def test_an_interrupted_command_that_printed_the_prompt_leaves_the_reader_in_step(shell):
+    # Ctrl-C drops the prompt script, so bash prompts with the old nonce; the old prompt the
+    # command printed before hanging must not be taken for the next command's.
+    result = shell.run('echo "${PS1@P}"; sleep 1000', timeout=0.5)
+    assert result.timed_out and result.status == 130
+    assert shell.run("echo next", timeout=5).output == b"next\r\n"
+    assert shell.run("echo again", timeout=5).output == b"again\r\n"
+
+
+def test_panic_is_recorded_inside_output_larger_than_the_reader_keeps(shell):
+    result = shell.run("yes | head -c 300000; panic 'x'; yes | head -c 300000", timeout=10)
+    assert result.omitted > 0 and result.panic_reason == "x"
+
+
+def test_panic_is_recorded_whatever_its_output_does(shell):
+    result = shell.run("panic 'quiet' > /dev/null 2>&1 < /dev/null", timeout=5)
+    assert result.panic_reason == "quiet"
+    assert shell.run("echo no panic", timeout=5).panic_reason is None
+
+
+def test_a_fifo_or_symlink_left_where_panic_records_is_no_panic_and_never_blocks(shell):
+    result = shell.run("mkfifo /opt/sekft/record/panic; echo made", timeout=5)
+    assert result.output == b"made\r\n" and result.panic_reason is None
+    result = shell.run("ln -s ~/x /opt/sekft/record/panic", timeout=5)
+    assert result.panic_reason is None
+    assert shell.run("panic 'after all'", timeout=5).panic_reason == "after all"
+
+
+def test_type_probe_stays_in_step_when_a_fork_bomb_holds_every_process_slot():
+    with Sandbox.create(limits=Limits(processes=12)) as box, Shell(box, kill_grace=3.0) as sh:
+        # Quiet: the bomb's own "fork: retry" complaints would land in later outputs.
+        sh.run(":(){ :|:& };: 2>/dev/null", timeout=1)
+        sh.run("false", timeout=5)
+        assert sh.probe_type("ls") == "file" and sh.probe_type("cd") == "builtin"
+        # (bash may add notices of the bomb's jobs ending, as on a real terminal.)
+        assert b"1\r\nin step\r\n" in sh.run("echo $?; echo in step", timeout=5).output

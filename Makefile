@@ -18,9 +18,11 @@ EVAL_OUT ?= runs/eval
 EVAL_ARGS ?=
 TRAIN_SEEDS ?= 40
 HELDOUT_SEEDS ?= 5
+# The real SmolLM2-135M-Instruct, converted from the GGUF in a wheel on the package index.
+REAL_BASE ?= build/smollm2-135m-instruct
 
 .PHONY: setup test test-slow lint data train eval demo base bench bench-load bench-train \
-        bench-mask bench-resident
+        bench-mask bench-resident real-base
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +39,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check sekft tests bench
+	$(PY) -m ruff check sekft tests bench scripts
 
 # Expert trajectories of the built-in scenario suite (sandboxed: needs bubblewrap).
 data: $(STAMP)
@@ -55,6 +57,10 @@ eval: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m sekft.demo
+
+# Download (pip, cached in $$SEKFT_CACHE or ~/.cache/sekft), verify and convert; idempotent.
+real-base: $(STAMP)
+	$(PY) scripts/real_base.py "$(REAL_BASE)"
 
 # Regenerate the shipped default base from its seed (about half an hour on 2 CPU cores).
 base: $(STAMP)

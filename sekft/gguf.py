@@ -270,7 +270,14 @@ def build_tokenizer(meta: dict, path: Path) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in _require(meta, "tokenizer.ggml.merges", path)]
     normalizer, pre = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), path)
     vocab = {token: i for i, token in enumerate(tokens)}
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except BaseException as e:  # a bad merge panics in Rust: pyo3's PanicException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(
+            f"{path}: tokenizer.ggml.tokens and tokenizer.ggml.merges disagree ({e})"
+        ) from None
     if normalizer is not None:
         tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre

@@ -85,8 +85,9 @@ def add_tokenizer(writer, tokenizer_json: dict, tokenizer_config: dict, pre: str
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     ids = {text: i for i, text in enumerate(tokens)}
-    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                     ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+    setters = {"bos_token": writer.add_bos_token_id, "eos_token": writer.add_eos_token_id,
+               "unk_token": writer.add_unk_token_id, "pad_token": writer.add_pad_token_id}
+    for key, add in setters.items():
         if tokenizer_config.get(key) in ids:
             add(ids[tokenizer_config[key]])
     writer.add_add_bos_token(False)

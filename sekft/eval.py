@@ -65,6 +65,8 @@ class Reply:
     content: str
     tokens: int = 0
     violation: str | None = None
+    # A later turn whose prompt did not extend the cached conversation (prefilled whole).
+    full_prefill: bool = False
 
 
 Policy = Callable[[list[dict]], "str | Reply"]
@@ -103,6 +105,7 @@ class Episode:
     timeouts: int = 0
     restarts: int = 0
     tokens: int = 0
+    full_prefills: int = 0
     violations: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
@@ -216,6 +219,7 @@ def _play(episode: Episode, scenario: Scenario, policy: Policy, shell: Shell,
         if isinstance(reply, str):
             reply = Reply(reply)
         episode.tokens += reply.tokens
+        episode.full_prefills += reply.full_prefill
         if reply.violation is not None:
             episode.violations.append(f"turn {episode.turns}: {reply.violation}")
         episode.messages.append({"role": "assistant", "content": reply.content})
@@ -270,6 +274,7 @@ def summarize(episodes: list[Episode]) -> dict:
                               len(panics_expected)),
         "mean_turns": sum(e.turns for e in done) / n if n else None,
         "tokens_generated": sum(e.tokens for e in done),
+        "full_prefills": sum(e.full_prefills for e in done),
         "violations": sum(len(e.violations) for e in done),
     }
 

@@ -22,7 +22,7 @@ HELDOUT_SEEDS ?= 5
 REAL_BASE ?= build/smollm2-135m-instruct
 
 .PHONY: setup test test-slow lint data train eval demo base bench bench-load bench-train \
-        bench-mask bench-resident real-base
+        bench-mask bench-resident bench-eval real-base
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,7 +66,7 @@ real-base: $(STAMP)
 base: $(STAMP)
 	$(PY) -m sekft.default_base
 
-bench: bench-load bench-mask bench-train bench-resident
+bench: bench-load bench-mask bench-train bench-resident bench-eval
 
 bench-load: $(STAMP)
 	$(PY) bench/load.py
@@ -79,3 +79,6 @@ bench-train: $(STAMP)
 
 bench-resident: $(STAMP)
 	$(PY) bench/resident.py
+
+bench-eval: $(STAMP)
+	$(PY) bench/eval.py

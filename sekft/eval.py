@@ -38,6 +38,7 @@ from pathlib import Path
 
 from sekft.errors import ConfigError, ScenarioError, run_cli
 from sekft.observation import MAX_OUTPUT_BYTES, login, observe
+from sekft.recipe import parse_with_recipe
 from sekft.sandbox import (
     SCENARIO_DIR,
     TRANSCRIPT_PATH,
@@ -444,7 +445,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    return p.parse_args(argv)
+    return parse_with_recipe(p, argv)
 
 
 def _check_args(args: argparse.Namespace) -> None:

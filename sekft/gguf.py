@@ -120,10 +120,12 @@ def _require(meta: dict, key: str, path: Path) -> Any:
     return meta[key]
 
 
-def hf_config(meta: dict, path: Path, tied: bool) -> dict:
+def hf_config(meta: dict, path: Path, tied: bool, embedding_rows: int | None = None) -> dict:
     """config.json for the model the metadata describes (llama or qwen2).
 
     `tied`: the file has no `output.weight`, so the lm_head is the embedding matrix.
+    `embedding_rows`: rows of `token_embd.weight`, the vocabulary size when the file pads
+    its embeddings beyond its token list (else `{arch}.vocab_size`, else the token count).
     """
     arch = _require(meta, "general.architecture", path)
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -155,7 +157,7 @@ def hf_config(meta: dict, path: Path, tied: bool) -> dict:
     config = {
         "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
         "model_type": arch,
-        "vocab_size": int(key("vocab_size", len(tokens))),
+        "vocab_size": embedding_rows or int(key("vocab_size", len(tokens))),
         "hidden_size": hidden,
         "intermediate_size": int(key("feed_forward_length")),
         "num_hidden_layers": int(key("block_count")),
@@ -333,8 +335,11 @@ def convert(source: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         raise CheckpointError(f"{out}: already exists; remove it or pass --overwrite")
     reader = open_gguf(source)
     meta = read_metadata(reader, source)
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
-    config = hf_config(meta, source, tied)
+    names = {t.name: t for t in reader.tensors}
+    embedding = names.get("token_embd.weight")
+    # GGUF lists dimensions innermost first: token_embd is [hidden, vocab].
+    rows = int(embedding.shape[-1]) if embedding is not None else None
+    config = hf_config(meta, source, "output.weight" not in names, rows)
     tokenizer = build_tokenizer(meta, source)
     tensors = read_tensors(reader, config, source)
 

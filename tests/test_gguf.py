@@ -214,7 +214,7 @@ def test_truncated_metadata_is_one_error(tiny_gguf_llama, tmp_path):
         sekft_gguf.convert(path, tmp_path / "out")
 
 
-def write_minimal(path: Path, arch: str, qtype) -> Path:
+def write_minimal(path: Path, arch: str, qtype, rows: int = 3) -> Path:
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(["a", "b", "ab"])
@@ -225,7 +225,7 @@ def write_minimal(path: Path, arch: str, qtype) -> Path:
     writer.add_feed_forward_length(32)
     writer.add_head_count(2)
     writer.add_layer_norm_rms_eps(1e-6)
-    value = np.ones((3, 32), dtype=np.float32)
+    value = np.ones((rows, 32), dtype=np.float32)
     writer.add_tensor("token_embd.weight", gguf.quants.quantize(value, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -319,3 +319,13 @@ def test_real_smollm2_tokenizer_is_the_real_tokenizer(smollm2_pair):
     for text in SAMPLES:
         assert ours.encode(text).ids == real.encode(text).ids, text
 
+
+
+def test_vocabulary_size_follows_padded_embeddings(tmp_path):
+    # Some converters pad the embedding matrix beyond the token list (to a multiple of 64).
+    path = write_minimal(tmp_path / "m.gguf", "llama", gguf.GGMLQuantizationType.F32, rows=8)
+    reader = sekft_gguf.open_gguf(path)
+    meta = sekft_gguf.read_metadata(reader, path)
+    rows = int(reader.tensors[0].shape[-1])
+    assert len(meta["tokenizer.ggml.tokens"]) == 3 and rows == 8
+    assert sekft_gguf.hf_config(meta, path, True, rows)["vocab_size"] == 8

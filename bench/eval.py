@@ -1,14 +1,15 @@
 """Eval episodes per minute with the episode's KV cache kept across turns vs re-prefilled.
 
     .venv/bin/python bench/eval.py [--base DIR] [--families ledger,ticket] [--rounds 2]
-                                   [--max-new-tokens 32] [--dtype bfloat16]
+                                   [--max-new-tokens 32] [--turn-budget 8] [--dtype bfloat16]
 
-One held-out instance per family (built-in suite, first seed) is played by the base alone,
-greedily, with `ModelPolicy(reuse_cache=True)` and with `reuse_cache=False`, in alternating
-rounds in this one process (the machine is shared: only the ratio means something). Both
-sides must produce the same transcripts (counted), and the kept side's full prefills (later
-turns whose prompt did not extend the cache) are reported. Results go to
-bench/results/eval.json. Needs bubblewrap (the episodes run sandboxed).
+One held-out instance per family (built-in suite, first seed, turn budget cut to
+--turn-budget) is played by the base alone, greedily, with `ModelPolicy(reuse_cache=True)`
+and with `reuse_cache=False`, alternating episode by episode in this one process (the
+machine is shared: only the ratio means something). Both sides must produce the same
+transcripts (counted), and the kept side's full prefills (later turns whose prompt did not
+extend the cache) are reported. Results go to bench/results/eval.json. Needs bubblewrap
+(the episodes run sandboxed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--families", default="ledger,tally,ticket")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--turn-budget", type=int, default=8,
+                   help="turns per episode (a base alone plays to its budget)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     return p.parse_args(argv)
 
@@ -52,40 +56,43 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base(args.base, dtype=DTYPES[args.dtype], device="cpu")
     template = ChatTemplate(base.chat_template, base.special_tokens)
     sampling = Sampling(max_new_tokens=args.max_new_tokens)
+    sides = ("kept", "re-prefilled")
+    seconds = dict.fromkeys(sides, 0.0)
+    episodes = dict.fromkeys(sides, 0)
+    full_prefills = turns = same = compared = 0
+    config = EpisodeConfig()
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
             generate(family, 0, tmp, split="heldout")
-        scenarios = load_scenarios(tmp)
-        config = EpisodeConfig()
-        seconds = {"kept": 0.0, "re-prefilled": 0.0}
-        episodes = {"kept": 0, "re-prefilled": 0}
-        transcripts: dict[str, list] = {}
-        full_prefills = turns = same = compared = 0
+        scenarios = [replace(s, turn_budget=args.turn_budget) for s in load_scenarios(tmp)]
+        # Alternate per episode, and the order each time: the machine's load drifts.
         for round_ in range(args.rounds):
-            for side in ("kept", "re-prefilled") if round_ % 2 == 0 else ("re-prefilled", "kept"):
-                policy = ModelPolicy(base.model, base.tokenizer, template, sampling,
-                                     base.config.max_position_embeddings,
-                                     reuse_cache=side == "kept")
-                start = time.perf_counter()
-                done = run_suite(scenarios, lambda s, p=policy: p, config)
-                seconds[side] += time.perf_counter() - start
-                episodes[side] += len(done)
-                transcripts[side] = [e.messages for e in done]
-                if side == "kept":
-                    full_prefills += sum(e.full_prefills for e in done)
-                    turns += sum(e.turns for e in done)
-                print(f"round {round_ + 1} {side:13s} {len(done)} episodes "
-                      f"{time.perf_counter() - start:7.1f} s", flush=True)
-            pairs = zip(transcripts["kept"], transcripts["re-prefilled"], strict=True)
-            same += sum(a == b for a, b in pairs)
-            compared += len(scenarios)
-    rate = {side: 60 * episodes[side] / seconds[side] for side in seconds}
+            for i, scenario in enumerate(scenarios):
+                order = sides if (round_ + i) % 2 == 0 else sides[::-1]
+                played = {}
+                for side in order:
+                    policy = ModelPolicy(base.model, base.tokenizer, template, sampling,
+                                         base.config.max_position_embeddings,
+                                         reuse_cache=side == "kept")
+                    start = time.perf_counter()
+                    [episode] = run_suite([scenario], lambda s, p=policy: p, config)
+                    seconds[side] += time.perf_counter() - start
+                    episodes[side] += 1
+                    played[side] = episode
+                    print(f"round {round_ + 1} {scenario.id} {side:13s} "
+                          f"{time.perf_counter() - start:7.1f} s", flush=True)
+                full_prefills += played["kept"].full_prefills
+                turns += played["kept"].turns
+                same += played["kept"].messages == played["re-prefilled"].messages
+                compared += 1
+    rate = {side: 60 * episodes[side] / seconds[side] for side in sides}
     result = {
         "base": args.base,
         "cpu": platform.processor() or platform.machine(),
         "dtype": args.dtype,
         "families": args.families,
         "max_new_tokens": args.max_new_tokens,
+        "turn_budget": args.turn_budget,
         "episodes_per_minute": rate,
         "speedup": rate["kept"] / rate["re-prefilled"],
         "same_transcripts": f"{same}/{compared}",

@@ -18,9 +18,12 @@ EVAL_OUT ?= runs/eval
 EVAL_ARGS ?=
 TRAIN_SEEDS ?= 40
 HELDOUT_SEEDS ?= 5
+# The real SmolLM2-135M-Instruct, converted from the GGUF in a wheel on the package index.
+REAL_BASE ?= build/smollm2-135m-instruct
 
 .PHONY: setup bubblewrap test test-slow lint data train eval demo base bench bench-load \
-        bench-train bench-mask bench-resident bench-ddp
+        bench-train bench-mask bench-resident bench-ddp bench-eval real-base real-smoke \
+        demo-real
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +56,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check sekft tests bench
+	$(PY) -m ruff check sekft tests bench scripts
 
 # Expert trajectories of the built-in scenario suite (sandboxed: needs bubblewrap).
 data: $(STAMP)
@@ -72,11 +75,23 @@ eval: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sekft.demo
 
+# Download (pip, cached in $$SEKFT_CACHE or ~/.cache/sekft), verify and convert; idempotent.
+real-base: $(STAMP)
+	$(PY) scripts/real_base.py "$(REAL_BASE)"
+
+# CI's smoke run on the real model: a few LoRA steps lower the loss, one eval episode.
+real-smoke: real-base
+	$(PY) scripts/real_smoke.py "$(REAL_BASE)"
+
+# The demo on the real SmolLM2-135M-Instruct, with the recipes in recipes/.
+demo-real: real-base
+	$(PY) -m sekft.demo_real --base "$(REAL_BASE)"
+
 # Regenerate the shipped default base from its seed (about half an hour on 2 CPU cores).
 base: $(STAMP)
 	$(PY) -m sekft.default_base
 
-bench: bench-load bench-mask bench-train bench-resident bench-ddp
+bench: bench-load bench-mask bench-train bench-resident bench-ddp bench-eval
 
 bench-load: $(STAMP)
 	$(PY) bench/load.py
@@ -92,3 +107,6 @@ bench-resident: $(STAMP)
 
 bench-ddp: $(STAMP)
 	$(PY) bench/ddp.py
+
+bench-eval: $(STAMP)
+	$(PY) bench/eval.py

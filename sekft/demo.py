@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sekft.default_base import ADAPTER_FAMILIES, BASE_FAMILIES, DEFAULT_BASE
 from sekft.errors import ConfigError, SekftError, run_cli
+from sekft.eval import wilson
 from sekft.scenarios import HELDOUT_FAMILIES
 
 GROUPS = {
@@ -36,9 +37,9 @@ GROUPS = {
 RUNS = ("base", "adapter")
 
 
-def group_of(family: str) -> str:
+def group_of(family: str, groups: dict[str, tuple[str, ...]] = GROUPS) -> str:
     """The demo group a family belongs to."""
-    for group, families in GROUPS.items():
+    for group, families in groups.items():
         if family in families:
             return group
     raise ConfigError(f"family {family!r} is in no demo group")
@@ -48,7 +49,9 @@ def percent(k: int, n: int) -> str:
     return f"{k / n:4.0%} ({k}/{n})" if n else "-"
 
 
-def group_rates(episodes: list[dict]) -> dict[tuple[str, str], dict[str, tuple[int, int]]]:
+def group_rates(
+    episodes: list[dict], groups: dict[str, tuple[str, ...]] = GROUPS
+) -> dict[tuple[str, str], dict[str, tuple[int, int]]]:
     """(group, run) -> {"pass", "terminated", "command mode"}: (count, out of), from the
     `episodes` of a sekft-eval results.json (scenario errors left out). Command mode counts
     replies: the share of the model's lines that are runnable commands."""
@@ -56,7 +59,7 @@ def group_rates(episodes: list[dict]) -> dict[tuple[str, str], dict[str, tuple[i
     for e in episodes:
         if e.get("error"):
             continue
-        counts = rates.setdefault((group_of(e["family"]), e["run"]),
+        counts = rates.setdefault((group_of(e["family"], groups), e["run"]),
                                   {"pass": [0, 0], "terminated": [0, 0], "command mode": [0, 0]})
         counts["pass"][0] += bool(e["passed"])
         counts["terminated"][0] += e["ending"] in ("exit", "panic")
@@ -67,18 +70,21 @@ def group_rates(episodes: list[dict]) -> dict[tuple[str, str], dict[str, tuple[i
     return {key: {name: tuple(c) for name, c in counts.items()} for key, counts in rates.items()}
 
 
-def side_by_side(episodes: list[dict]) -> str:
-    """The demo's table: per group, the base's row and the adapter's, every rate with counts."""
-    rates = group_rates(episodes)
-    header = ["group", "run", "pass", "exit/panic", "command mode"]
+def side_by_side(episodes: list[dict], groups: dict[str, tuple[str, ...]] = GROUPS) -> str:
+    """The demo's table: per group, the base's row and the adapter's, every rate with counts
+    (pass with its 95% Wilson interval)."""
+    rates = group_rates(episodes, groups)
+    header = ["group", "run", "pass", "95% CI", "exit/panic", "command mode"]
     rows = [header]
-    for group in GROUPS:
+    for group in groups:
         for run in RUNS:
             r = rates.get((group, run))
             if r is None:
                 continue
             label = "base + adapter" if run == "adapter" else "base alone"
-            rows.append([group, label, percent(*r["pass"]), percent(*r["terminated"]),
+            low, high = wilson(*r["pass"])
+            rows.append([group, label, percent(*r["pass"]), f"{low:.0%}-{high:.0%}",
+                         percent(*r["terminated"]),
                          percent(*r["command mode"])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()

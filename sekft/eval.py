@@ -40,6 +40,7 @@ from pathlib import Path
 from sekft.errors import ConfigError, ScenarioError, run_cli
 from sekft.observation import MAX_OUTPUT_BYTES, login, observe
 from sekft.progress import ProgressLine, format_eval_progress
+from sekft.recipe import parse_with_recipe
 from sekft.sandbox import (
     SCENARIO_DIR,
     TRANSCRIPT_PATH,
@@ -67,6 +68,8 @@ class Reply:
     content: str
     tokens: int = 0
     violation: str | None = None
+    # A later turn whose prompt did not extend the cached conversation (prefilled whole).
+    full_prefill: bool = False
 
 
 Policy = Callable[[list[dict]], "str | Reply"]
@@ -105,6 +108,7 @@ class Episode:
     timeouts: int = 0
     restarts: int = 0
     tokens: int = 0
+    full_prefills: int = 0
     violations: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
@@ -227,6 +231,7 @@ def _play(episode: Episode, scenario: Scenario, policy: Policy, shell: Shell,
         if isinstance(reply, str):
             reply = Reply(reply)
         episode.tokens += reply.tokens
+        episode.full_prefills += reply.full_prefill
         if reply.violation is not None:
             episode.violations.append(f"turn {episode.turns}: {reply.violation}")
         episode.messages.append({"role": "assistant", "content": reply.content})
@@ -328,6 +333,7 @@ def summarize(episodes: list[Episode]) -> dict:
                               len(panics_expected)),
         "mean_turns": sum(e.turns for e in done) / n if n else None,
         "tokens_generated": sum(e.tokens for e in done),
+        "full_prefills": sum(e.full_prefills for e in done),
         "violations": sum(len(e.violations) for e in done),
     }
 
@@ -678,7 +684,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    return p.parse_args(argv)
+    return parse_with_recipe(p, argv)
 
 
 def _check_args(args: argparse.Namespace) -> None:

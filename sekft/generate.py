@@ -69,6 +69,24 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass
+class Conversation:
+    """A conversation's KV cache and the token ids whose keys and values it holds.
+
+    An episode's prompts grow turn by turn, each extending the last prompt and reply, so the
+    next turn only needs the keys/values of its new tokens.
+    """
+
+    ids: list[int]
+    cache: KVCache
+
+
+def extends(prompt_ids: Sequence[int], cached_ids: Sequence[int]) -> bool:
+    """True when `prompt_ids` is `cached_ids` followed by at least one more token."""
+    n = len(cached_ids)
+    return len(prompt_ids) > n and list(prompt_ids[:n]) == list(cached_ids)
+
+
 @torch.no_grad()
 def generate_ids(
     model: Decoder,
@@ -77,19 +95,30 @@ def generate_ids(
     max_new_tokens: int,
     sampling: Sampling,
     generator: torch.Generator,
+    conversation: Conversation | None = None,
 ) -> list[int]:
     """Token ids generated after `prompt_ids`, through the first stop id (kept) or
-    `max_new_tokens`, one token per forward on a KV cache."""
+    `max_new_tokens`, one token per forward on a KV cache.
+
+    `conversation`, when given, must hold a cache whose tokens `prompt_ids` extends (or be
+    empty): only the tokens after them are prefilled, and on return it holds every token
+    fed (the prompt and all generated tokens but the last).
+    """
     device = model.output_weight().device
-    cache = KVCache(len(model.model.layers))
+    if conversation is None:
+        conversation = Conversation([], KVCache(len(model.model.layers)))
+    if not extends(prompt_ids, conversation.ids):
+        raise ValueError("the prompt does not extend the conversation's cached tokens")
+    cache = conversation.cache
 
     def last_logits(ids: list[int]) -> torch.Tensor:
         # The lm_head on the last position only: on the prompt, [T, V] logits would cost
         # ~1.2 GB for 4k tokens of a 152k-token vocabulary, all but one row thrown away.
         hidden = model.hidden(torch.tensor([ids], device=device), cache=cache)
+        conversation.ids += ids
         return model.lm_head(hidden[:, -1])[0]
 
-    logits = last_logits(list(prompt_ids))
+    logits = last_logits(list(prompt_ids[len(conversation.ids):]))
     out: list[int] = []
     while len(out) < max_new_tokens:
         token = next_token(logits, sampling, generator)
@@ -136,18 +165,40 @@ def reply_content(
 
 
 class ModelPolicy:
-    """Our model as a policy; `base_only` runs it with its LoRA layers disabled (--baseline)."""
+    """Our model as a policy; `base_only` runs it with its LoRA layers disabled (--baseline).
+
+    With `reuse_cache`, each thread keeps its conversation's KV cache from one call to the
+    next and prefills only the tokens a prompt adds to it. A later turn whose prompt does
+    not extend the cached tokens (a reply that re-tokenizes differently, say) is prefilled
+    whole and flagged on its Reply (`full_prefill`).
+    """
 
     def __init__(self, model: Decoder, tokenizer: Tokenizer, template: ChatTemplate,
-                 sampling: Sampling, max_context: int, base_only: bool = False):
+                 sampling: Sampling, max_context: int, base_only: bool = False,
+                 reuse_cache: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
         self.sampling = sampling
         self.max_context = max_context
         self.base_only = base_only
+        self.reuse_cache = reuse_cache
         self.stop_ids = end_of_turn_ids(template, tokenizer)
         self.generator = torch.Generator().manual_seed(sampling.seed)
+        self._local = threading.local()
+
+    def _conversation(self, messages: list[dict], prompt_ids: list[int]
+                      ) -> tuple[Conversation, bool]:
+        """This thread's conversation to continue (or a fresh one), and whether a later turn
+        had to start afresh."""
+        kept = getattr(self._local, "conversation", None) if self.reuse_cache else None
+        if kept is not None and extends(prompt_ids, kept.ids):
+            return kept, False
+        conversation = Conversation([], KVCache(len(self.model.model.layers)))
+        if self.reuse_cache:
+            self._local.conversation = conversation
+        later_turn = any(m["role"] == "assistant" for m in messages)
+        return conversation, self.reuse_cache and later_turn
 
     def __call__(self, messages: list[dict]) -> Reply:
         messages = normalize_for_template(messages)
@@ -162,16 +213,17 @@ class ModelPolicy:
             disabled = lora_disabled(self.model)
         else:
             disabled = nullcontext()
+        conversation, full_prefill = self._conversation(messages, prompt_ids)
         with disabled:
             ids = generate_ids(self.model, prompt_ids, self.stop_ids,
                                min(self.sampling.max_new_tokens, room), self.sampling,
-                               self.generator)
+                               self.generator, conversation)
         generated = self.tokenizer.decode(ids, skip_special_tokens=False)
         content, violation = reply_content(messages, generated,
                                            self.template.end_of_turn_strings, self.template)
         if violation is None:
             violation = self._retokenize_check(messages, content, prompt_ids, ids)
-        return Reply(content, tokens=len(ids), violation=violation)
+        return Reply(content, tokens=len(ids), violation=violation, full_prefill=full_prefill)
 
     def _retokenize_check(self, messages: list[dict], content: str, prompt_ids: list[int],
                           ids: list[int]) -> str | None:

@@ -134,6 +134,10 @@ def parse_request(line: bytes) -> dict:
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise ResidentError("field 'args': expected a list of strings")
         for arg in args:
+            if arg.split("=", 1)[0] == "--config":
+                # A recipe could name the base or relative paths the server would misread.
+                raise ResidentError("field 'args': --config recipes are not taken by resident "
+                                    "jobs; pass the options themselves")
             if arg.split("=", 1)[0] in SERVER_OPTIONS:
                 raise ResidentError(
                     f"field 'args': {arg.split('=', 1)[0]} is set by the server "

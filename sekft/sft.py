@@ -50,6 +50,7 @@ from sekft.loss import trained_token_loss
 from sekft.mask import encode_sessions, inspect_sessions
 from sekft.pack import Example, Row, collate_row, drop_overlong, plan_epoch, plan_steps
 from sekft.progress import ProgressLine, format_progress, peak_memory
+from sekft.recipe import parse_with_recipe
 from sekft.rundir import (
     append_metrics,
     claim_out_dir,
@@ -668,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
+    args = parse_with_recipe(build_parser(), argv)
     cfg = TrainConfig(**vars(args))
     if not cfg.inspect and not cfg.out:
         raise ConfigError("--out is required: the folder for the adapter and checkpoints")

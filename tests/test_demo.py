@@ -78,3 +78,23 @@ def test_demo_runs_end_to_end_and_prints_both_rows_per_group(tmp_path):
     for group in demo.GROUPS:
         rows = [line for line in table.splitlines() if line.startswith(group)]
         assert [("base + adapter" in r) for r in rows] == [False, True]
+
+
+def test_real_demo_groups_split_trained_from_never_trained_families_with_intervals():
+    from sekft import demo_real
+
+    assert sorted(demo.group_of(f, demo_real.GROUPS) for f in FAMILIES) == sorted(
+        ["trained families"] * (len(FAMILIES) - len(HELDOUT_FAMILIES))
+        + ["never-trained families"] * len(HELDOUT_FAMILIES))
+    episodes = [episode("ledger", "adapter", True, "exit", [True])] * 4 + [
+        episode("ticket", "adapter", False, "budget", [False])]
+    table = demo.side_by_side(episodes, demo_real.GROUPS)
+    assert "trained families        base + adapter  100% (4/4)  51%-100%" in table
+    assert "never-trained families  base + adapter    0% (0/1)  0%-79%" in table
+
+
+def test_real_demo_without_the_converted_model_says_how_to_get_it(tmp_path, capsys):
+    from sekft import demo_real
+
+    assert demo_real.main(["--base", str(tmp_path / "none"), "--work", str(tmp_path)]) == 1
+    assert "run `make real-base`" in capsys.readouterr().err

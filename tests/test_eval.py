@@ -331,3 +331,14 @@ def test_cli_needs_a_model_name_with_an_endpoint(tmp_path, capsys):
     code = main(["--endpoint", "http://127.0.0.1:1", "--scenarios", str(FIXTURES),
                  "--out", str(tmp_path)])
     assert code == 1 and "--endpoint needs --model" in capsys.readouterr().err
+
+
+@needs_bwrap
+def test_full_prefills_a_policy_reports_are_counted_in_the_results():
+    from sekft.eval import Reply
+
+    answers = iter([Reply("cat TODO"), Reply("echo ok > done", full_prefill=True),
+                    Reply("exit", full_prefill=True)])
+    episode = run_episode(scenario("write-done"), lambda messages: next(answers), FAST)
+    assert episode.full_prefills == 2
+    assert summarize([episode, episode])["full_prefills"] == 4

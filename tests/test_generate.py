@@ -206,3 +206,93 @@ def test_adapter_for_a_different_base_is_one_line_error(tmp_path, tiny_llama, ca
                  "--scenarios", str(FIXTURES), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1 and "sekft-eval: error:" in err and "another base" in err
+
+
+def _play_turns(policy, turns=4):
+    """A scripted episode: the same observations whatever the replies, so two policies can
+    be compared on their replies alone."""
+    messages = list(USER)
+    replies = []
+    for turn in range(turns):
+        reply = policy(messages)
+        replies.append(reply)
+        messages += [{"role": "assistant", "content": reply.content},
+                     {"role": "user", "content": f"output {turn}\nuser@sandbox:~$ "}]
+    return messages, replies
+
+
+def _counting_fed_tokens(model, monkeypatch):
+    fed = []
+    hidden = model.hidden
+
+    def spy(input_ids, *args, **kwargs):
+        fed.append(input_ids.shape[1])
+        return hidden(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden", spy)
+    return fed
+
+
+def _plain_words_only(base, monkeypatch):
+    """Greedy over tokens of letters, digits and `./-_` only: a random model's replies then
+    re-tokenize as generated (broken UTF-8 or glue whitespace would not, and a later turn
+    could not reuse the cache; that case has its own test)."""
+    import string
+
+    import sekft.generate
+
+    allowed = set(string.ascii_letters + string.digits + "./-_")
+    vocab = base.tokenizer.get_vocab_size()
+    ok = torch.tensor([bool(t) and set(t) <= allowed
+                       for t in (base.tokenizer.decode([i]) for i in range(vocab))])
+    assert ok.sum() > 20
+
+    def restricted(logits, sampling, generator):
+        return int(torch.argmax(logits[:vocab].masked_fill(~ok, float("-inf"))))
+
+    monkeypatch.setattr(sekft.generate, "next_token", restricted)
+
+
+def test_kv_reuse_episode_gives_the_same_transcript_as_re_prefilling(tiny_llama, monkeypatch):
+    base = load_base(tiny_llama, dtype=torch.float32, device="cpu")
+    template = ChatTemplate.from_folder(tiny_llama)
+    _plain_words_only(base, monkeypatch)
+    fed = _counting_fed_tokens(base.model, monkeypatch)
+    sampling = Sampling(max_new_tokens=6)
+    whole, _ = _play_turns(ModelPolicy(base.model, base.tokenizer, template, sampling, 256,
+                                       reuse_cache=False))
+    fed_whole = sum(fed)
+    fed.clear()
+    reused, replies = _play_turns(ModelPolicy(base.model, base.tokenizer, template, sampling,
+                                              256))
+    assert reused == whole
+    # And the reuse happened: later turns fed only their new tokens.
+    assert not any(r.full_prefill for r in replies)
+    assert sum(fed) < fed_whole / 2
+
+
+def test_a_later_turn_that_does_not_extend_the_cache_is_prefilled_whole(tiny_llama):
+    base = load_base(tiny_llama, dtype=torch.float32, device="cpu")
+    template = ChatTemplate.from_folder(tiny_llama)
+    sampling = Sampling(max_new_tokens=6)
+    policy = ModelPolicy(base.model, base.tokenizer, template, sampling, 256)
+    fresh = ModelPolicy(base.model, base.tokenizer, template, sampling, 256,
+                        reuse_cache=False)
+    messages, _ = _play_turns(policy, turns=2)
+    # The model "said" something else at turn 0: the prompt no longer extends the cache.
+    edited = [messages[0], {"role": "assistant", "content": "echo edited"}, *messages[2:]]
+    reply = policy(edited)
+    assert reply.full_prefill
+    assert reply.content == fresh(edited).content
+    assert not fresh(edited).full_prefill
+
+
+def test_generate_ids_refuses_a_prompt_that_does_not_extend_the_conversation(tiny_llama):
+    from sekft.generate import Conversation
+    from sekft.model import KVCache
+
+    base = load_base(tiny_llama, dtype=torch.float32, device="cpu")
+    conversation = Conversation([5, 6], KVCache(len(base.model.model.layers)))
+    with pytest.raises(ValueError, match="does not extend"):
+        generate_ids(base.model, [5, 7, 8], frozenset(), 2, GREEDY, torch.Generator(),
+                     conversation)

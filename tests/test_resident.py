@@ -154,6 +154,12 @@ def test_parse_request_refuses_a_job_that_sets_the_base():
         resident.parse_request(line)
 
 
+def test_parse_request_refuses_a_recipe_the_server_would_misread():
+    line = b'{"op": "eval", "args": ["--config", "r.toml"], "cwd": "/"}\n'
+    with pytest.raises(ResidentError, match="--config recipes are not taken"):
+        resident.parse_request(line)
+
+
 @pytest.mark.parametrize("command", ["train", "eval"])
 @pytest.mark.parametrize("abbreviation", ["--bas=other", "--load-4", "--dev=cpu"])
 def test_job_options_refuse_an_abbreviated_server_option(command, abbreviation):

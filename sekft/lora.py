@@ -11,7 +11,7 @@ the same tensors `base_model.model.` + our name, which is all `save_adapter` and
     y = base(x) + scaling * B(A(dropout(x))),   scaling = alpha / r  (alpha / sqrt(r): rsLoRA)
 
 A starts Kaiming-uniform and B at zero (as PEFT), so a fresh adapter leaves outputs unchanged.
-The base layer runs its own forward (bitsandbytes' `Linear4bit` included) and stays frozen;
+The base layer runs its own forward (`sekft.quant.NF4Linear` included) and stays frozen;
 only LoRA parameters are trainable. LoRA weights live in float32 by default whatever the base
 dtype (as PEFT's `autocast_adapter_dtype`): the input is cast to them and the update back.
 
@@ -79,7 +79,7 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer (`nn.Linear` or bitsandbytes `Linear4bit`) plus a LoRA update.
+    """A frozen linear layer (`nn.Linear` or 4-bit `NF4Linear`) plus a LoRA update.
 
     `weight`/`bias` are the wrapped layer's own Parameters (no copy), registered here so
     state_dict keys keep the layer's name. The wrapped layer itself is deliberately not a
@@ -158,7 +158,7 @@ class LoRALinear(nn.Module):
         return super().train(mode)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        # Exactly the wrapped layer's entries (a Linear4bit adds its quant_state tensors);
+        # Exactly the wrapped layer's entries (an NF4Linear adds its quant_state tensors);
         # the LoRA children add theirs through the normal recursion.
         self.base_layer._save_to_state_dict(destination, prefix, keep_vars)
 
@@ -208,7 +208,7 @@ def find_targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linea
         if not isinstance(module, nn.Linear):
             raise AdapterError(
                 f"LoRA target {target!r} matches {name}, a {type(module).__name__}; "
-                "only linear layers (nn.Linear, bitsandbytes Linear4bit) take LoRA"
+                "only linear layers (nn.Linear, 4-bit NF4Linear) take LoRA"
             )
         found[name] = module
         hit.add(target)

@@ -32,9 +32,10 @@ import torch
 from safetensors.torch import load_file
 
 import sekft
-from sekft.base import default_dtype, load_base
+from sekft.base import load_base
 from sekft.checkpoint import resolve_base
 from sekft.data import read_sessions
+from sekft.device import DTYPE_CHOICES, autocast, choose_dtype, default_device, describe
 from sekft.errors import ConfigError, DataError, TemplateError, TrainError, run_cli
 from sekft.lora import (
     DEFAULT_TARGETS,
@@ -115,7 +116,9 @@ class TrainConfig:
     loss_chunk: int = field(default=512, metadata=_help("trained positions per lm_head chunk"))
     template: str = field(default="", metadata=_help("named chat template (default: the default)"))
     device: str = field(default="", metadata=_help("cuda, cpu, ... (default: cuda if present)"))
-    dtype: str = field(default="", metadata=_help("bfloat16 or float32 (default: bf16 on sm80+)"))
+    dtype: str = field(
+        default="auto", metadata=_help("auto, bfloat16 or float32 (auto: bf16 if native here)")
+    )
     strict: bool = field(default=False, metadata=_help("mask findings, dropped sessions: errors"))
     resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint"))
     overwrite: bool = field(default=False, metadata=_help("replace the run already in --out"))
@@ -225,19 +228,15 @@ def plan_run(lengths: list[int], cfg: TrainConfig) -> list[list[list[int]]]:
 # ---------------------------------------------------------------- model plumbing
 
 
-def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    """cfg.device/dtype, defaulting to CUDA when present, else CPU, and to `default_dtype`
-    there (bf16 on Ampere or newer, else float32: bf16 matmuls are ~30x slower than float32
-    on a typical AVX2 CPU)."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not cfg.dtype:
-        return device, default_dtype(device)
-    dtype = getattr(torch, cfg.dtype, None)
-    if dtype not in (torch.bfloat16, torch.float32):
+def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype, str]:
+    """(device, compute dtype, why) for cfg.device/dtype: CUDA when present, else CPU, and
+    `--dtype auto` as `sekft.device.choose_dtype` decides (bf16 where it is native)."""
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    if cfg.dtype not in DTYPE_CHOICES or cfg.dtype == "float16":
         # float16 gradients underflow, and AdamW's state in float16 turns weights into NaN,
         # without the loss scaling sekft-train does not do.
-        raise ConfigError(f"--dtype {cfg.dtype!r}: training runs in bfloat16 or float32")
-    return device, dtype
+        raise ConfigError(f"--dtype {cfg.dtype!r}: training runs in auto, bfloat16 or float32")
+    return device, *choose_dtype(device, cfg.dtype)
 
 
 def weights_dtype(cfg: TrainConfig, dtype: torch.dtype) -> torch.dtype:
@@ -245,13 +244,6 @@ def weights_dtype(cfg: TrainConfig, dtype: torch.dtype) -> torch.dtype:
     weights (AdamW's updates to bf16 weights mostly round away: a norm weight of 1.0 moves
     only by steps of 2^-7) and computes in `dtype` under autocast."""
     return torch.float32 if cfg.full else dtype
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast on CUDA; nothing elsewhere (the CPU path computes in float32)."""
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def trainable_parameters(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]:
@@ -433,7 +425,7 @@ def train(
     if cfg.full and cfg.load_4bit:
         raise ConfigError("--full trains every weight in float; it cannot use --load-4bit")
     stop = stop or threading.Event()
-    device, dtype = resolve_device_dtype(cfg)
+    device, dtype, why = resolve_device_dtype(cfg)
     base_path, template, tokenizer = _template_and_tokenizer(cfg, base)
     data = prepare_data(cfg, template, tokenizer)
     out = Path(cfg.out)
@@ -472,6 +464,7 @@ def train(
     write_json_atomic(out / "run.json", run)
     progress = ProgressLine(report=report)
     _announce(progress, cfg, data, total, start, checkpoint)
+    progress.message(describe(device, dtype, why))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history = read_metrics(out)

@@ -49,7 +49,7 @@ from sekft.lora import (
 from sekft.loss import trained_token_loss
 from sekft.mask import encode_sessions, inspect_sessions
 from sekft.pack import Example, Row, collate_row, drop_overlong, plan_epoch, plan_steps
-from sekft.progress import ProgressLine, format_progress, peak_memory
+from sekft.progress import ProgressLine, current_memory, format_progress, peak_memory
 from sekft.rundir import (
     append_metrics,
     claim_out_dir,
@@ -504,6 +504,7 @@ def train(
                 "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens": tokens, "trained_tokens": n_trained, "elapsed": elapsed,
                 "tokens_per_s": tokens_done / elapsed, "peak_memory": peak_memory(device),
+                "memory": current_memory(device),
             }  # fmt: skip
             if val_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                 val_loss = record["val_loss"] = evaluate(model, val_rows, device, dtype,
@@ -517,7 +518,7 @@ def train(
             if logged or progress.tty:
                 eta = elapsed / (step - start) * (total - step)
                 progress.update(format_progress(step, total, loss, record["tokens_per_s"], eta,
-                                                record["peak_memory"]), record)
+                                                record["memory"], record["peak_memory"]), record)
             if "val_loss" in record:
                 progress.message(f"step {step}: validation loss {val_loss:.4f}")
             if (cfg.save_every and step % cfg.save_every == 0) or last or stop.is_set():

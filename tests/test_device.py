@@ -134,3 +134,38 @@ def test_bf16_training_keeps_lora_and_optimizer_state_float32(tiny_llama, tmp_pa
     optimizer = torch.load(next(result.out.rglob("optimizer.pt")), weights_only=True)
     states = [s for s in optimizer["state"].values()]
     assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_holds_as_many_tensors_after_2k_steps_as_after_k(tiny_llama, tmp_path, dtype):
+    """Memory that grows step after step is either a leak (tensors kept alive: counted here)
+    or the C heap (bench/train.py prints RSS after every step)."""
+    import gc
+
+    from test_sft import config
+
+    from sekft.sft import train
+
+    live: dict[int, int] = {}
+
+    def count(line: str, **metrics) -> None:
+        if metrics.get("step") in (3, 6):
+            gc.collect()
+            live[metrics["step"]] = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    train(config(tiny_llama, tmp_path, max_steps=6, dtype=dtype), report=count)
+    assert live[3] > 0 and live[6] == live[3]
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "256"), ("5", "5")])
+def test_onednn_matmul_cache_is_capped_unless_the_environment_says(given, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LRU_CACHE_CAPACITY"}
+    if given is not None:
+        env["LRU_CACHE_CAPACITY"] = given
+    code = "import os, sekft.device; print(os.environ['LRU_CACHE_CAPACITY'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == expected

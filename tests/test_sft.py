@@ -191,7 +191,7 @@ def test_a_short_run_writes_adapter_checkpoint_metrics_run_json_and_curve(tiny_l
     }
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    wanted = {"loss", "lr", "tokens_per_s", "trained_tokens", "peak_memory", "elapsed"}
+    wanted = {"loss", "lr", "tokens_per_s", "trained_tokens", "peak_memory", "memory", "elapsed"}
     assert wanted <= set(metrics[0])
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["r"] == 4 and len(run["data"]["sha256"]) == 64

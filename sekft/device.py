@@ -13,12 +13,14 @@ the choice (the LoRA layers' products run in bf16 under autocast; their gradient
 float32 master weights). Every command prints `describe(...)`: its choice and why.
 
 Memory: PyTorch's oneDNN (ideep) matmuls, the path of CPU bf16, cache one primitive per
-shape, up to 1,024 of them (`LRU_CACHE_CAPACITY`). Packed rows change length from step to
-step and prompts from episode to episode, so that cache grew by ~10 MB per step in bf16
-training (SmolLM2-135M shape, rows of 128-512 tokens: 255 -> 412 MB of heap in use over 17
-steps, live tensors constant) and kept growing over a long run. sekft caps it at 256 (about
-six row lengths' worth of one step's matmuls; at 16 the cache thrashed and steps took 30%
-longer): heap in use then stayed flat. A capacity set in the environment wins.
+shape, up to 1,024 of them (`LRU_CACHE_CAPACITY`). Row lengths and trained-token counts
+change from row to row (and prompt lengths from episode to episode), so in bf16 training
+(SmolLM2-135M shape, rows of 128-512 tokens) the heap in use grew by ~10 MB per step, 255 ->
+412 MB over 17 steps, while the live tensors stayed the same; float32 grew 180 -> 194 MB and
+stopped. With the cache at 16 entries the heap in use stayed at 237 MB from the first step to
+the last, but steps took ~30% longer (primitives rebuilt within a step). sekft caps it at 256,
+a few row lengths' worth of one step's matmuls: the growth stops at a quarter of PyTorch's
+default ceiling. A capacity set in the environment wins.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Eval episodes per minute with the episode's KV cache kept across turns vs re-prefilled.
 
     .venv/bin/python bench/eval.py [--base DIR] [--families ledger,ticket] [--rounds 2]
-                                   [--max-new-tokens 32] [--turn-budget 8] [--dtype bfloat16]
+                                   [--max-new-tokens 32] [--turn-budget 8] [--dtype auto]
 
 One held-out instance per family (built-in suite, first seed, turn budget cut to
 --turn-budget) is played by the base alone, greedily, with `ModelPolicy(reuse_cache=True)`
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from sekft.base import DTYPES, load_base
+from sekft.base import load_base
+from sekft.device import DTYPE_CHOICES, choose_dtype, describe
 from sekft.eval import EpisodeConfig, run_suite
 from sekft.generate import ModelPolicy, Sampling
 from sekft.scenario import load_scenarios
@@ -46,14 +47,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--turn-budget", type=int, default=8,
                    help="turns per episode (a base alone plays to its budget)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
-    base = load_base(args.base, dtype=DTYPES[args.dtype], device="cpu")
+    dtype, why = choose_dtype("cpu", args.dtype)
+    print(describe("cpu", dtype, why))
+    base = load_base(args.base, dtype=dtype, device="cpu")
     template = ChatTemplate(base.chat_template, base.special_tokens)
     sampling = Sampling(max_new_tokens=args.max_new_tokens)
     sides = ("kept", "re-prefilled")

@@ -77,7 +77,7 @@ def cold_worker(started: float, argv: list[str]) -> dict:
 
     timings["imports_seconds"] = time.time() - started
     cfg = sft.config_from_args(argv)
-    device, dtype = sft.resolve_device_dtype(cfg)
+    device, dtype, _ = sft.resolve_device_dtype(cfg)
     began = time.time()
     base = sft.load_base(cfg.base, dtype, device, cfg.load_4bit, compute_dtype=dtype)
     timings["load_seconds"] = time.time() - began

@@ -1,6 +1,7 @@
 """Training-step throughput and peak memory: sekft against transformers + peft, in one run.
 
     .venv/bin/python bench/train.py [--base DIR] [--len 512] [--batch 2] [--steps 3] [--rounds 2]
+                                    [--dtype auto|float32|bfloat16]
 
 Both sides run on the CPU (a CUDA comparison is not written yet) and train the same LoRA
 (rank 16, alpha 32, q/k/v/o/gate/up/down, no dropout) with AdamW on the same token rows:
@@ -9,6 +10,14 @@ commands train (`--trained`, default 20% of tokens, in short runs between long o
 in real trajectories). sekft runs its own loop's step
 (`model.hidden` with document ids, the trained-positions loss, backward, AdamW);
 transformers + peft runs the usual `model(input_ids, labels=...)` step on the same rows.
+
+`--dtype` applies to both sides; `auto` (the default) gives each side the best dtype of this
+machine by sekft's policy (`sekft.device`: bf16 where the CPU multiplies bf16 natively, AMX or
+avx512_bf16, else float32). In bf16 both sides load the frozen weights in bf16 and step under
+CPU autocast, with float32 LoRA weights (peft's `autocast_adapter_dtype`, sekft's own), as
+accelerate's bf16 mixed precision does. When the choice is bf16, a `sekft float32` side runs
+too, for sekft's own bf16/float32 step ratio. The CPU's model and flags are printed with the
+results, and every step's RSS: flat from step to step, or memory grows.
 
 Each configuration runs in a fresh process, so its peak RSS is its own; results are printed
 as a table and as JSON, with ratios against transformers + peft measured in the same run.
@@ -117,14 +126,14 @@ def necessary_matmul_flops(config, tokens: int, trained: int) -> int:
     return 2 * (forward + backward)
 
 
-def gemm_flops_per_s(config, threads: int, seconds: float = 1.0) -> float:
-    """This CPU's float32 GEMM rate on the step's largest product ([512, hidden] @ [hidden,
+def gemm_flops_per_s(config, threads: int, dtype: str, seconds: float = 1.0) -> float:
+    """This CPU's GEMM rate in `dtype` on the step's largest product ([512, hidden] @ [hidden,
     intermediate]), best of repeated timings."""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randn(512, config.hidden_size)
-    b = torch.randn(config.hidden_size, config.intermediate_size)
+    a = torch.randn(512, config.hidden_size, dtype=getattr(torch, dtype))
+    b = torch.randn(config.hidden_size, config.intermediate_size, dtype=getattr(torch, dtype))
     best, started = float("inf"), time.perf_counter()
     while time.perf_counter() - started < seconds:
         t0 = time.perf_counter()
@@ -137,16 +146,43 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def cpu_description() -> str:
+    """The CPU's model name, its matmul-relevant flags and torch's kernel capability."""
+    import torch
+
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
+    have = ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+    return (f"{model}; flags: {have}; torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
 def worker_sekft(args) -> dict:
     import torch
 
     from sekft.base import load_base
+    from sekft.device import autocast
     from sekft.lora import attach_lora, lora_parameters
     from sekft.loss import trained_token_loss
     from sekft.pack import Example, collate_row
 
     torch.set_num_threads(args.threads)
-    base = load_base(args.base, dtype=torch.float32, device="cpu", load_4bit=args.four_bit)
+    dtype = getattr(torch, args.dtype)
+    base = load_base(args.base, dtype=dtype, device="cpu", load_4bit=args.four_bit)
     model = base.model
     attach_lora(model, 16, 32.0, 0.0, TARGETS)
     model.grad_ckpt = args.grad_ckpt
@@ -165,7 +201,8 @@ def worker_sekft(args) -> dict:
     def step(timings: dict | None = None) -> None:
         for row in rows:
             t0 = time.perf_counter()
-            hidden = model.hidden(row.input_ids, row.position_ids, row.doc_ids)
+            with autocast("cpu", dtype):
+                hidden = model.hidden(row.input_ids, row.position_ids, row.doc_ids)
             t1 = time.perf_counter()
             loss, _ = trained_token_loss(hidden, model.output_weight(), row.labels)
             t2 = time.perf_counter()
@@ -184,7 +221,7 @@ def worker_sekft(args) -> dict:
     tokens = sum(r.input_ids.numel() for r in rows)
     result = measure(step, args, tokens, profile=True)
     result["necessary_matmul_flops"] = necessary_matmul_flops(base.config, tokens, n_trained)
-    result["gemm_flops_per_s"] = gemm_flops_per_s(base.config, args.threads)
+    result["gemm_flops_per_s"] = gemm_flops_per_s(base.config, args.threads, args.dtype)
     return result
 
 
@@ -194,16 +231,17 @@ def worker_hf(args) -> dict:
     import transformers
 
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     kwargs = {}
     if args.four_bit:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=dtype,
         )  # fmt: skip
     # On the CPU like sekft's side, even where CUDA is present (transformers would put a
     # 4-bit model on the GPU by default).
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        args.base, dtype=torch.float32, device_map={"": "cpu"}, **kwargs
+        args.base, dtype=dtype, device_map={"": "cpu"}, **kwargs
     )
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
@@ -217,7 +255,8 @@ def worker_hf(args) -> dict:
     model.train()
 
     def step(timings: dict | None = None) -> None:
-        loss = model(input_ids=input_ids, labels=labels).loss
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -231,11 +270,12 @@ def measure(step, args, tokens_per_step: int, profile: bool) -> dict:
     step()  # warm-up: allocator, kernels, optimizer state
     timings = {"forward": 0.0, "loss": 0.0, "backward": 0.0, "optimizer": 0.0}
     started, cpu_started = time.perf_counter(), time.process_time()
-    step_times = []
+    step_times, rss = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step(timings)
         step_times.append(time.perf_counter() - t0)
+        rss.append(current_rss())
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     result = {
         "tokens_per_s": tokens_per_step * args.steps / elapsed,
@@ -247,6 +287,7 @@ def measure(step, args, tokens_per_step: int, profile: bool) -> dict:
         "peak_rss": peak_rss(),
         "step_s": elapsed / args.steps,
         "best_step_s": min(step_times),
+        "rss_per_step": rss,
     }
     if profile:
         result["phases_s"] = {k: v / args.steps for k, v in timings.items()}
@@ -261,11 +302,11 @@ def measure(step, args, tokens_per_step: int, profile: bool) -> dict:
     return result
 
 
-def run_worker(args, side: str, four_bit: bool, grad_ckpt: bool) -> dict:
+def run_worker(args, side: str, four_bit: bool, grad_ckpt: bool, dtype: str) -> dict:
     cmd = [
         sys.executable, __file__, "--worker", side, "--base", str(args.base),
         "--len", str(args.len), "--batch", str(args.batch), "--steps", str(args.steps),
-        "--trained", str(args.trained), "--threads", str(args.threads),
+        "--trained", str(args.trained), "--threads", str(args.threads), "--dtype", dtype,
     ]  # fmt: skip
     if four_bit:
         cmd.append("--four-bit")
@@ -289,6 +330,8 @@ def main() -> int:
     parser.add_argument("--only", choices=["lora", "4bit"], help="run one configuration")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the sides N times")
     parser.add_argument("--no-grad-ckpt", action="store_true", help="skip the --grad-ckpt side")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="both sides' dtype (default: auto, each side's best here)")
     parser.add_argument("--worker", choices=["sekft", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--four-bit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
@@ -298,11 +341,17 @@ def main() -> int:
         print(json.dumps(result))
         return 0
 
+    from sekft.device import choose_dtype
+
     args.base = args.base or make_checkpoint(args.cache)
+    dtype, why = choose_dtype("cpu", args.dtype)
+    dtype = str(dtype).removeprefix("torch.")
     configs = [("lora", False), ("4bit", True)]
-    sides = [("transformers+peft", "hf", False), ("sekft", "sekft", False)]
+    sides = [("transformers+peft", "hf", False, dtype), ("sekft", "sekft", False, dtype)]
+    if dtype != "float32":
+        sides.append(("sekft float32", "sekft", False, "float32"))
     if not args.no_grad_ckpt:
-        sides.append(("sekft --grad-ckpt", "sekft", True))
+        sides.append(("sekft --grad-ckpt", "sekft", True, dtype))
     results: dict[str, dict[str, dict]] = {}
     for name, four_bit in configs:
         if args.only and args.only != name:
@@ -311,8 +360,8 @@ def main() -> int:
         # Sides alternate, round after round, and each keeps its best round: on a shared
         # machine the neighbours' load shifts over minutes, and alternating spreads it evenly.
         for _ in range(args.rounds):
-            for label, worker, grad_ckpt in sides:
-                r = run_worker(args, worker, four_bit, grad_ckpt)
+            for label, worker, grad_ckpt, side_dtype in sides:
+                r = run_worker(args, worker, four_bit, grad_ckpt, side_dtype)
                 best = results[name].get(label)
                 if best is None or "error" in best or (
                     "error" not in r and r["best_tokens_per_s"] > best["best_tokens_per_s"]
@@ -321,6 +370,8 @@ def main() -> int:
 
     print(f"base {args.base}, len {args.len}, batch {args.batch}, {args.trained:.0%} trained, "
           f"{args.threads} threads, {args.steps} steps")
+    print(f"CPU: {cpu_description()}")
+    print(f"dtype: {dtype} for both sides ({why})")
     print(f"{'config':<8} {'side':<20} {'tok/s':>8} {'best':>8} {'tok/cpu-s':>10} "
           f"{'peak RSS':>10} {'x best':>7} {'x cpu':>6} {'x mem':>6}")
     for name, sides in results.items():
@@ -338,6 +389,16 @@ def main() -> int:
                   f"{r['tokens_per_cpu_s']:10.1f} {r['peak_rss'] / 2**30:8.2f}GB {speed:>7} "
                   f"{cpu:>6} {mem:>6}")
     for name, sides in results.items():
+        for side, r in sides.items():
+            if "rss_per_step" in r:
+                steps = " -> ".join(f"{b / 2**30:.2f}" for b in r["rss_per_step"])
+                print(f"{name} {side}: RSS after each step (GB): {steps}")
+        f32 = sides.get("sekft float32", {})
+        if "error" not in sides["sekft"] and "best_tokens_per_s" in f32:
+            print(f"{name}: sekft {dtype} step is "
+                  f"{sides['sekft']['best_tokens_per_s'] / f32['best_tokens_per_s']:.2f}x its "
+                  "float32 step (best steps)")
+    for name, sides in results.items():
         ours, hf = sides["sekft"], sides["transformers+peft"]
         if "necessary_matmul_flops" in ours and "error" not in hf:
             # The ceiling: an implementation whose step were nothing but the matmuls exactness
@@ -348,8 +409,10 @@ def main() -> int:
             rest = ours["best_step_s"] - floor_s - attention_s
             print(f"\n{name}: transformers+peft's best step took {hf_s:.2f} s; 2x needs a step "
                   f"of {hf_s / 2:.2f} s. The matmuls no exact step can skip ({flops:.0f} GFLOP) "
-                  f"take {floor_s:.2f} s at this CPU's best GEMM rate ({rate:.0f} GFLOP/s): "
-                  f"ceiling {hf_s / floor_s:.2f}x. With PyTorch's attention kernel as measured "
+                  f"take {floor_s:.2f} s at this CPU's best {dtype} GEMM rate "
+                  f"({rate:.0f} GFLOP/s); sekft's step runs at {floor_s / ours['best_step_s']:.0%} "
+                  f"of that speed, transformers+peft's at {floor_s / hf_s:.0%}. "
+                  f"Ceiling {hf_s / floor_s:.2f}x. With PyTorch's attention kernel as measured "
                   f"({attention_s:.2f} s): {hf_s / (floor_s + attention_s):.2f}x, leaving "
                   f"{hf_s / 2 - floor_s - attention_s:.2f} s for everything else (LoRA products, "
                   f"norms, RoPE, SwiGLU, loss, optimizer, 4-bit dequantization), which takes "

@@ -26,6 +26,7 @@ from torch import nn
 
 from sekft import quant
 from sekft.checkpoint import read_config, read_tensor, resolve_base, tensor_index
+from sekft.device import DTYPE_CHOICES, choose_dtype, default_device, default_dtype, describe
 from sekft.errors import CheckpointError, ConfigError, run_cli
 from sekft.model import Decoder, ModelConfig
 from sekft.template import find_templates
@@ -36,8 +37,6 @@ BLOCK_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(ga
 
 # Tensors some checkpoints carry that the model recomputes instead (old Llama exports).
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -53,19 +52,6 @@ class Base:
     hf_config: dict
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on a CUDA GPU with native bf16 (Ampere, sm80, or newer), float32 elsewhere: CPU
-    bf16 matmuls are far slower than float32, and T4/V100 emulate bf16."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        return torch.bfloat16
-    return torch.float32
-
-
 def load_base(
     base: str | Path,
     dtype: torch.dtype | None = None,
@@ -75,7 +61,8 @@ def load_base(
 ) -> Base:
     """Load BASE (a checkpoint folder or a hub id in the local HF cache) for frozen use.
 
-    dtype: of the floating-point weights (default bf16 on CUDA, float32 on CPU).
+    dtype: of the floating-point weights (default: `sekft.device.default_dtype`, bf16 where
+    the device multiplies bf16 natively, else float32).
     load_4bit: NF4 with double quantization for the block linears, computing in
     `compute_dtype` (default as dtype). All parameters are frozen (requires_grad False).
     """
@@ -219,18 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("base", help="checkpoint folder, or org/name in the local HF cache")
     parser.add_argument("--load-4bit", action="store_true", help="NF4 block linears")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default per device)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weight dtype (default: auto, bf16 where the device has native bf16)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available here")
-    base = load_base(
-        args.base,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        device=args.device,
-        load_4bit=args.load_4bit,
-    )
+    device = torch.device(args.device) if args.device else default_device()
+    dtype, why = choose_dtype(device, args.dtype)
+    print(describe(device, dtype, why))
+    base = load_base(args.base, dtype=dtype, device=device, load_4bit=args.load_4bit)
     print(_summary(base, time.perf_counter() - start, args.load_4bit))
     return 0
 

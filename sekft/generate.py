@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
+from sekft.device import autocast
 from sekft.errors import ConfigError, TemplateError
 from sekft.eval import ContextExhausted, Policy, Reply
 from sekft.mask import end_of_turn_ids
@@ -104,7 +105,8 @@ def generate_ids(
     empty): only the tokens after them are prefilled, and on return it holds every token
     fed (the prompt and all generated tokens but the last).
     """
-    device = model.output_weight().device
+    weight = model.output_weight()
+    device = weight.device
     if conversation is None:
         conversation = Conversation([], KVCache(len(model.model.layers)))
     if not extends(prompt_ids, conversation.ids):
@@ -114,9 +116,11 @@ def generate_ids(
     def last_logits(ids: list[int]) -> torch.Tensor:
         # The lm_head on the last position only: on the prompt, [T, V] logits would cost
         # ~1.2 GB for 4k tokens of a 152k-token vocabulary, all but one row thrown away.
-        hidden = model.hidden(torch.tensor([ids], device=device), cache=cache)
-        conversation.ids += ids
-        return model.lm_head(hidden[:, -1])[0]
+        # Under autocast in the weights' dtype, as training ran (sekft.device).
+        with autocast(device, weight.dtype):
+            hidden = model.hidden(torch.tensor([ids], device=device), cache=cache)
+            conversation.ids += ids
+            return model.lm_head(hidden[:, -1])[0]
 
     logits = last_logits(list(prompt_ids[len(conversation.ids):]))
     out: list[int] = []
@@ -309,10 +313,13 @@ def policies_from_args(args: argparse.Namespace) -> dict[str, Policy]:
         urls = args.endpoint.split(",")
         return {name: EndpointPool([EndpointPolicy(url, name, sampling) for url in urls])
                 for name in names}
-    from sekft.base import DTYPES, load_base
+    from sekft.base import load_base
+    from sekft.device import choose_dtype, default_device, describe
 
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    base = load_base(args.base, dtype=dtype, device=args.device, load_4bit=args.load_4bit)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype, why = choose_dtype(device, args.dtype)
+    print(describe(device, dtype, why))
+    base = load_base(args.base, dtype=dtype, device=device, load_4bit=args.load_4bit)
     return model_policies(base, args)
 
 

@@ -11,9 +11,11 @@ the same tensors `base_model.model.` + our name, which is all `save_adapter` and
     y = base(x) + scaling * B(A(dropout(x))),   scaling = alpha / r  (alpha / sqrt(r): rsLoRA)
 
 A starts Kaiming-uniform and B at zero (as PEFT), so a fresh adapter leaves outputs unchanged.
-The base layer runs its own forward (bitsandbytes' `Linear4bit` included) and stays frozen;
+The base layer runs its own forward (`sekft.quant.NF4Linear` included) and stays frozen;
 only LoRA parameters are trainable. LoRA weights live in float32 by default whatever the base
-dtype (as PEFT's `autocast_adapter_dtype`): the input is cast to them and the update back.
+dtype (as PEFT's `autocast_adapter_dtype`). Under autocast the update is computed in the
+autocast dtype and added to the base output in place; without it, in the LoRA weights' dtype
+(the input is cast to it and the update back).
 
     python -m sekft.lora check ADAPTER     # does sekft load it, would vLLM?
     python -m sekft.lora merge --base BASE --adapter ADAPTER --out DIR   # one float checkpoint
@@ -81,7 +83,7 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer (`nn.Linear` or bitsandbytes `Linear4bit`) plus a LoRA update.
+    """A frozen linear layer (`nn.Linear` or 4-bit `NF4Linear`) plus a LoRA update.
 
     `weight`/`bias` are the wrapped layer's own Parameters (no copy), registered here so
     state_dict keys keep the layer's name. The wrapped layer itself is deliberately not a
@@ -126,19 +128,23 @@ class LoRALinear(nn.Module):
         # Flattened to [N, in] so the update can be one GEMM into the base output below.
         flat = x.reshape(-1, self.in_features)
         result = self.base_layer(flat)
-        if not torch.is_autocast_enabled(flat.device.type):
-            # Under autocast the cast would be undone at once (lora_A runs in the autocast
-            # dtype), at the price of two passes over the activations.
-            flat = flat.to(self.lora_A.weight.dtype)
+        device = flat.device.type
+        if torch.is_autocast_enabled(device):
+            # The update is computed in the autocast dtype, as the base's product is; the
+            # float32 LoRA weights are cast per call (r rows: cheap) and get float32 grads.
+            dtype = torch.get_autocast_dtype(device)
+        else:
+            dtype = self.lora_A.weight.dtype
+        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
         # Scaled at rank r, where the tensor is out_features / r times smaller than the output.
-        down = self.lora_A(self.lora_dropout(flat)) * self.scaling
-        if down.dtype == result.dtype == self.lora_B.weight.dtype:
+        down = nn.functional.linear(self.lora_dropout(flat.to(dtype)), a) * self.scaling
+        if result.dtype == dtype:
             # Accumulated into the base output in place (its backward needs only the incoming
             # gradient): `result + lora_B(down)` writes a [N, out] tensor and reads it back,
             # which cost a fifth as much as the gate/up projection itself on CPU.
-            result = result.addmm_(down, self.lora_B.weight.t())
+            result = result.addmm_(down, b.t())
         else:
-            result = result + self.lora_B(down).to(result.dtype)
+            result = result + (down @ b.t()).to(result.dtype)
         return result.view(*x.shape[:-1], self.out_features)
 
     def delta(self) -> torch.Tensor:
@@ -160,7 +166,7 @@ class LoRALinear(nn.Module):
         return super().train(mode)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        # Exactly the wrapped layer's entries (a Linear4bit adds its quant_state tensors);
+        # Exactly the wrapped layer's entries (an NF4Linear adds its quant_state tensors);
         # the LoRA children add theirs through the normal recursion.
         self.base_layer._save_to_state_dict(destination, prefix, keep_vars)
 
@@ -210,7 +216,7 @@ def find_targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linea
         if not isinstance(module, nn.Linear):
             raise AdapterError(
                 f"LoRA target {target!r} matches {name}, a {type(module).__name__}; "
-                "only linear layers (nn.Linear, bitsandbytes Linear4bit) take LoRA"
+                "only linear layers (nn.Linear, 4-bit NF4Linear) take LoRA"
             )
         found[name] = module
         hit.add(target)

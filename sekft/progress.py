@@ -30,12 +30,15 @@ def format_bytes(n: int) -> str:
 
 
 def format_progress(
-    step: int, total: int, loss: float, tokens_per_s: float, eta_s: float, memory: int
+    step: int, total: int, loss: float, tokens_per_s: float, eta_s: float, memory: int,
+    peak: int | None = None,
 ) -> str:
-    """One progress line: "step 12/300  loss 1.2345  1234 tok/s  ETA 4m05s  mem 1.2 GB"."""
+    """One progress line: "step 12/300  loss 1.2345  1234 tok/s  ETA 4m05s  mem 1.2 GB", and
+    "(peak 1.5 GB)" after it when `peak` is given."""
     return (
         f"step {step}/{total}  loss {loss:.4f}  {tokens_per_s:.0f} tok/s  "
         f"ETA {format_duration(eta_s)}  mem {format_bytes(memory)}"
+        + (f" (peak {format_bytes(peak)})" if peak is not None else "")
     )
 
 
@@ -57,6 +60,21 @@ def peak_memory(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     # Linux reports ru_maxrss in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_memory(device: torch.device) -> int:
+    """Bytes in use now: CUDA allocated on a GPU, else the process's resident set (RSS).
+
+    Unlike the peak, it can fall: a step that ends higher than the one before means memory
+    still held (a leak, or freed memory the C heap keeps), not one long row.
+    """
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:  # no /proc (macOS): the peak is all there is
+        return peak_memory(device)
 
 
 class ProgressLine:

@@ -567,13 +567,15 @@ def load_resident(
     name: str, load_4bit: bool, device: str | None, dtype: str | None
 ) -> ResidentBase:
     """Load the base as a cold `sekft-train` with the same options would (same defaults:
-    CUDA + bfloat16 when present, else CPU + float32)."""
+    CUDA when present, else CPU; `--dtype auto` as `sekft.device.choose_dtype` decides)."""
     import torch
 
-    from sekft.base import default_device, default_dtype, load_base
+    from sekft.base import load_base
+    from sekft.device import choose_dtype, default_device, describe
 
     torch_device = torch.device(device) if device else default_device()
-    torch_dtype = getattr(torch, dtype) if dtype else default_dtype(torch_device)
+    torch_dtype, why = choose_dtype(torch_device, dtype or "auto")
+    log(describe(torch_device, torch_dtype, why))
     base = load_base(name, torch_dtype, torch_device, load_4bit, compute_dtype=torch_dtype)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     return ResidentBase(base, name, load_4bit, str(torch_device), dtype_name)
@@ -811,8 +813,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     serve.add_argument("--device", help="cuda, cpu, ... (default: cuda if present)")
     serve.add_argument(
         "--dtype",
-        choices=("bfloat16", "float16", "float32"),
-        help="of the base weights (default: bfloat16 on CUDA, else float32)",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="of the base weights (default: auto, bf16 where the device has native bf16)",
     )
     serve.add_argument("--socket", type=Path, help=socket_help)
 

@@ -33,9 +33,10 @@ from safetensors.torch import load_file
 
 import sekft
 from sekft import distributed
-from sekft.base import default_dtype, load_base
+from sekft.base import load_base
 from sekft.checkpoint import resolve_base
 from sekft.data import read_sessions
+from sekft.device import DTYPE_CHOICES, autocast, choose_dtype, default_device, describe
 from sekft.errors import ConfigError, DataError, TemplateError, TrainError, run_cli
 from sekft.lora import (
     DEFAULT_TARGETS,
@@ -49,7 +50,7 @@ from sekft.lora import (
 from sekft.loss import trained_token_loss
 from sekft.mask import encode_sessions, inspect_sessions
 from sekft.pack import Example, Row, collate_row, drop_overlong, plan_epoch, plan_steps
-from sekft.progress import ProgressLine, format_progress, peak_memory
+from sekft.progress import ProgressLine, current_memory, format_progress, peak_memory
 from sekft.recipe import parse_with_recipe
 from sekft.rundir import (
     append_metrics,
@@ -117,7 +118,9 @@ class TrainConfig:
     loss_chunk: int = field(default=512, metadata=_help("trained positions per lm_head chunk"))
     template: str = field(default="", metadata=_help("named chat template (default: the default)"))
     device: str = field(default="", metadata=_help("cuda, cpu, ... (default: cuda if present)"))
-    dtype: str = field(default="", metadata=_help("bfloat16 or float32 (default: bf16 on sm80+)"))
+    dtype: str = field(
+        default="auto", metadata=_help("auto, bfloat16 or float32 (auto: bf16 if native here)")
+    )
     strict: bool = field(default=False, metadata=_help("mask findings, dropped sessions: errors"))
     resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint"))
     overwrite: bool = field(default=False, metadata=_help("replace the run already in --out"))
@@ -230,19 +233,15 @@ def plan_run(lengths: list[int], cfg: TrainConfig) -> list[list[list[int]]]:
 # ---------------------------------------------------------------- model plumbing
 
 
-def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    """cfg.device/dtype, defaulting to CUDA when present, else CPU, and to `default_dtype`
-    there (bf16 on Ampere or newer, else float32: bf16 matmuls are ~30x slower than float32
-    on a typical AVX2 CPU)."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not cfg.dtype:
-        return device, default_dtype(device)
-    dtype = getattr(torch, cfg.dtype, None)
-    if dtype not in (torch.bfloat16, torch.float32):
+def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype, str]:
+    """(device, compute dtype, why) for cfg.device/dtype: CUDA when present, else CPU, and
+    `--dtype auto` as `sekft.device.choose_dtype` decides (bf16 where it is native)."""
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    if cfg.dtype not in DTYPE_CHOICES or cfg.dtype == "float16":
         # float16 gradients underflow, and AdamW's state in float16 turns weights into NaN,
         # without the loss scaling sekft-train does not do.
-        raise ConfigError(f"--dtype {cfg.dtype!r}: training runs in bfloat16 or float32")
-    return device, dtype
+        raise ConfigError(f"--dtype {cfg.dtype!r}: training runs in auto, bfloat16 or float32")
+    return device, *choose_dtype(device, cfg.dtype)
 
 
 def weights_dtype(cfg: TrainConfig, dtype: torch.dtype) -> torch.dtype:
@@ -250,13 +249,6 @@ def weights_dtype(cfg: TrainConfig, dtype: torch.dtype) -> torch.dtype:
     weights (AdamW's updates to bf16 weights mostly round away: a norm weight of 1.0 moves
     only by steps of 2^-7) and computes in `dtype` under autocast."""
     return torch.float32 if cfg.full else dtype
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast on CUDA; nothing elsewhere (the CPU path computes in float32)."""
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def trainable_parameters(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]:
@@ -444,7 +436,7 @@ def train(
         raise ConfigError("--full trains every weight in float; it cannot use --load-4bit")
     stop = stop or threading.Event()
     ranks = distributed.current()
-    device, dtype = resolve_device_dtype(cfg)
+    device, dtype, why = resolve_device_dtype(cfg)
     device = ranks.device(device)
     base_path, template, tokenizer = _template_and_tokenizer(cfg, base)
     data = prepare_data(cfg, template, tokenizer)
@@ -490,6 +482,7 @@ def train(
     progress = ProgressLine(report=report if ranks.main else _quiet)
     _announce(progress, cfg, data, total, start, checkpoint)
     _announce_ranks(progress, ranks, state.get("world_size", 1) if checkpoint else None)
+    progress.message(describe(device, dtype, why))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history = read_metrics(out)
@@ -537,6 +530,7 @@ def train(
                 "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens": tokens, "trained_tokens": n_trained, "elapsed": elapsed,
                 "tokens_per_s": tokens_done / elapsed, "peak_memory": peak_memory(device),
+                "memory": current_memory(device),
             }  # fmt: skip
             if val_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                 val_sum, val_count = ranks.sum_pair(*evaluate(model, my_val_rows, device, dtype,
@@ -551,7 +545,7 @@ def train(
             if logged or progress.tty:
                 eta = elapsed / (step - start) * (total - step)
                 progress.update(format_progress(step, total, loss, record["tokens_per_s"], eta,
-                                                record["peak_memory"]), record)
+                                                record["memory"], record["peak_memory"]), record)
             if "val_loss" in record:
                 progress.message(f"step {step}: validation loss {val_loss:.4f}")
             # Asked again after the progress lines (a report may ask to stop): all ranks save

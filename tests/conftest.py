@@ -2,6 +2,10 @@
 
 The folders are shared by every test in the session: read them, never write into them
 (copy with `shutil.copytree` first when a test needs to damage one).
+
+`--dtype auto` (`sekft.device`) is float32 in every test, as on a CPU without native bf16,
+so float32 oracles and tolerances hold on every kind of machine; the tests of the policy
+and of bf16 training force the capability or ask for bfloat16 themselves.
 """
 
 from __future__ import annotations
@@ -9,7 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import make_tiny_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_without_native_bf16():
+    # Session-wide, so module-scoped fixtures that load models see it too. Subprocesses do
+    # not: tests that start sekft commands pass --dtype themselves.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        patch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="session")

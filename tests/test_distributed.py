@@ -73,7 +73,7 @@ def config(tiny: Path, tmp_path: Path, **overrides) -> TrainConfig:
     fields = dict(
         data=str(data), base=str(tiny), out=str(tmp_path / "out"), r=4, alpha=8.0,
         dropout=0.1, lr=5e-3, max_len=300, batch_tokens=1000, val_fraction=0.1, device="cpu",
-        max_steps=4, save_every=2, dist_timeout=60.0,
+        dtype="float32", max_steps=4, save_every=2, dist_timeout=60.0,
     )  # fmt: skip
     fields.update(overrides)
     return TrainConfig(**fields)

@@ -38,7 +38,7 @@ from sekft.lora import (
     vllm_warnings,
     zero_lora,
 )
-from sekft.quant import dequantized_weight
+from sekft.quant import dequantized_weight, quantize_linear
 
 HIDDEN, FFN, KV = 16, 24, 8
 
@@ -119,20 +119,9 @@ def randomize_lora(model: nn.Module, seed: int = 1) -> None:
 
 
 def to_4bit(layer: nn.Linear) -> nn.Module:
-    """A bitsandbytes NF4 (double-quant) copy of `layer`, float32 compute, on the CPU."""
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear4bit(
-        layer.in_features, layer.out_features, bias=layer.bias is not None,
-        compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True, device="cpu",
-    )
-    q.weight = bnb.nn.Params4bit(
-        layer.weight.data.clone(), requires_grad=False, quant_type="nf4",
-        compress_statistics=True,
-    )
-    if layer.bias is not None:
-        q.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
-    return q.to("cpu")
+    """An NF4 (double-quant) copy of `layer` as the loader makes it, float32 compute, CPU."""
+    bias = layer.bias.data.clone() if layer.bias is not None else None
+    return quantize_linear(layer.weight.data.clone(), bias, "cpu", torch.float32)
 
 
 def toy_4bit(seed: int = 0) -> Toy:

@@ -227,3 +227,30 @@ def test_merging_into_a_memory_mapped_base_leaves_the_checkpoint_file_alone(
     merge_lora(base.model)
     del base
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("avx512_bf16", [True, False], ids=["avx512_bf16", "no_avx512_bf16"])
+def test_merge_from_the_4bit_base_is_the_same_after_any_number_of_forwards(
+    tiny_llama, monkeypatch, avx512_bf16
+) -> None:
+    """bitsandbytes' Linear4bit repacks its weight (lossily) in its first eval-mode forward
+    without grad on avx512_bf16 CPUs; the flag is forced both ways, so any machine runs both."""
+    import bitsandbytes.nn.modules
+
+    from sekft.lora import merged_state_dict
+    from sekft.resident import base_checksum
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: avx512_bf16)
+    model = load_base(tiny_llama, dtype=torch.float32, device="cpu", load_4bit=True).model
+    attach_lora(model, r=4, alpha=8)
+    trained_lora(model)
+    before, checksum = merged_state_dict(model), base_checksum(model)
+    for _ in range(3):
+        our_logits(model)  # eval mode, no grad
+        model.train()
+        model(input_ids()).sum().backward()
+        model.eval()
+    after = merged_state_dict(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert base_checksum(model) == checksum

@@ -200,3 +200,63 @@ def test_cpu_weights_converted_to_another_dtype_are_copies(tiny_llama):
     ranges = _mapped_ranges((tiny_llama / "model.safetensors").resolve())
     address = model.model.layers[0].mlp.up_proj.weight.data_ptr()
     assert not any(a <= address < b for a, b in ranges)
+
+
+# ---- one 4-bit path on every CPU kind ------------------------------------------------------
+# bitsandbytes' own Linear4bit repacks its weight in place on CPUs with avx512_bf16 (it reads
+# `has_avx512bf16()` when the layer is built). Forcing that flag both ways runs, on any
+# machine, what each kind of CPU would run.
+
+
+@pytest.fixture(params=[True, False], ids=["avx512_bf16", "no_avx512_bf16"])
+def cpu_kind(request, monkeypatch) -> bool:
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: request.param)
+    return request.param
+
+
+def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def test_forwards_leave_the_4bit_weight_and_state_as_loaded(cpu_kind):
+    weight = torch.randn(128, 192, generator=torch.Generator().manual_seed(0))
+    layer = quant.quantize_linear(weight, None, "cpu", torch.float32).eval()
+    before, dequantized = _state(layer), quant.dequantized_weight(layer).clone()
+    x = torch.randn(3, 192)
+    with torch.no_grad():  # the condition under which Linear4bit repacks
+        layer(x)
+    layer.train()
+    layer(x.requires_grad_()).sum().backward()
+    state = layer.weight.quant_state
+    assert state.nested and state.absmax.dtype == torch.uint8
+    assert not getattr(state, "packing_format_for_cpu", False)
+    after = _state(layer)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(quant.dequantized_weight(layer), dequantized)
+
+
+@pytest.mark.parametrize("in_features", [96, 100, 576])
+def test_4bit_forward_takes_input_sizes_that_are_not_multiples_of_64(cpu_kind, in_features):
+    weight = torch.randn(64, in_features, generator=torch.Generator().manual_seed(1))
+    layer = quant.quantize_linear(weight, torch.randn(64), "cpu", torch.float32).eval()
+    x = torch.randn(5, in_features)
+    with torch.no_grad():
+        got = layer(x)
+    want = nn.functional.linear(x, quant.dequantized_weight(layer), layer.bias)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_4bit_float32_compute_is_not_rounded_to_bf16(cpu_kind):
+    """bf16 keeps 8 bits of mantissa: rounding the activations or the weight to it moves
+    these outputs by ~1e-2; float32 compute agrees with a float32 matmul to ~1e-6."""
+    weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(2))
+    layer = quant.quantize_linear(weight, None, "cpu", torch.float32).eval()
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = layer(x)
+    want = x.double() @ quant.dequantized_weight(layer).double().t()
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max().item() < 1e-4

@@ -74,7 +74,7 @@ def config(tiny: Path, tmp_path: Path, **overrides) -> TrainConfig:
     fields = dict(
         data=str(data), base=str(tiny), out=str(tmp_path / "out"), r=4, alpha=8.0,
         dropout=0.1, lr=5e-3, max_len=256, batch_tokens=400, val_fraction=0.0, device="cpu",
-        max_steps=4,
+        max_steps=4, dtype="float32",
     )  # fmt: skip
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -191,7 +191,7 @@ def test_a_short_run_writes_adapter_checkpoint_metrics_run_json_and_curve(tiny_l
     }
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    wanted = {"loss", "lr", "tokens_per_s", "trained_tokens", "peak_memory", "elapsed"}
+    wanted = {"loss", "lr", "tokens_per_s", "trained_tokens", "peak_memory", "memory", "elapsed"}
     assert wanted <= set(metrics[0])
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["r"] == 4 and len(run["data"]["sha256"]) == 64
@@ -435,13 +435,15 @@ def test_out_holding_another_run_is_refused_without_resume_or_overwrite(tiny_lla
     assert train(dataclasses.replace(cfg, overwrite=True)).steps == 1
 
 
-def test_float16_training_is_refused_and_cpu_defaults_to_float32():
+def test_float16_training_is_refused_and_auto_follows_the_cpu(monkeypatch):
     with pytest.raises(ConfigError, match="bfloat16 or float32"):
         resolve_device_dtype(TrainConfig("d", "b", device="cpu", dtype="float16"))
     cpu = torch.device("cpu")
-    assert resolve_device_dtype(TrainConfig("d", "b", device="cpu")) == (cpu, torch.float32)
-    bf16 = TrainConfig("d", "b", device="cpu", dtype="bfloat16")
-    assert resolve_device_dtype(bf16) == (torch.device("cpu"), torch.bfloat16)
+    assert resolve_device_dtype(TrainConfig("d", "b", device="cpu"))[:2] == (cpu, torch.float32)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_device_dtype(TrainConfig("d", "b", device="cpu"))[:2] == (cpu, torch.bfloat16)
+    f32 = TrainConfig("d", "b", device="cpu", dtype="float32")
+    assert resolve_device_dtype(f32)[:2] == (cpu, torch.float32)
 
 
 def test_full_training_keeps_float32_master_weights_whatever_the_compute_dtype():

@@ -122,7 +122,8 @@ def report(line, **fields):
         stop.set()
 with distributed.process_group(cfg.device, cfg.dist_timeout):
     result = sft.train(cfg, stop=stop, report=report)
-print("stopped after step", result.steps, flush=True)
+# One write per rank: both ranks share the pipe, and print() may split its line.
+os.write(1, f"stopped after step {result.steps}\\n".encode())
 """
 
 # Rank 1 runs with --out mounted read-only: any file it wrote there would fail the run.

@@ -125,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="episodes run at the same time")
     # One thread per process: two threads were 5x slower than one whenever anything else
     # ran on a 2-core machine, and the evaluator already runs --jobs episodes at once.
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="of training and eval (auto: bf16 where the CPU multiplies it natively)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the training and eval processes")
     return p.parse_args(argv)
@@ -168,13 +170,14 @@ def _main(argv: list[str] | None) -> int:
         "--out", str(work / "adapter"), "--overwrite", "--r", str(args.r),
         "--alpha", str(2 * args.r), "--dropout", "0", "--lr", str(args.lr),
         "--max-steps", str(args.steps), "--batch-tokens", "1024", "--max-len", "1024",
-        "--warmup-ratio", "0.05", "--log-every", "10", "--device", "cpu",
+        "--warmup-ratio", "0.05", "--log-every", "10", "--device", "cpu", "--dtype", args.dtype,
     ], env)
     evaluate = command("sekft-eval", "sekft.eval")
     run_step("3/3 evaluate base + adapter and the base alone on held-out scenarios", evaluate + [
         "--base", str(args.base), "--adapter", str(work / "adapter"),
         "--baseline", "--scenarios", str(scenarios), "--split", "heldout",
-        "--out", str(work / "eval"), "--max-new-tokens", "48", "--device", "cpu", *jobs,
+        "--out", str(work / "eval"), "--max-new-tokens", "48", "--device", "cpu",
+        "--dtype", args.dtype, *jobs,
     ], env)
     results = json.loads((work / "eval" / "results.json").read_text())
     print(f"\n== sekft demo: held-out episodes, base alone vs base + adapter "

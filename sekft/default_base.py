@@ -48,6 +48,7 @@ from sekft.eval import EpisodeConfig
 from sekft.mask import encode_sessions
 from sekft.model import Decoder, ModelConfig
 from sekft.pack import Example
+from sekft.rundir import replace_dir
 from sekft.scenarios import TRAIN_FAMILIES, record
 from sekft.scenarios.words import WORDS
 from sekft.template import ChatTemplate
@@ -364,13 +365,7 @@ def ship(run: Path, out: Path, recipe: dict, copy_log: Path) -> None:
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     for path in tmp.iterdir():
         path.chmod(0o644)  # the trainer writes private files; package data is world-readable
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    replace_dir(tmp, out)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -35,7 +35,7 @@ from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
 
 from sekft.errors import CheckpointError, ConfigError, run_cli
-from sekft.rundir import write_json_atomic
+from sekft.rundir import replace_dir, write_json_atomic
 from sekft.tokenizer import QWEN2_SPLIT_REGEX
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -355,13 +355,7 @@ def convert(source: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         write_json_atomic(temp / "config.json", config)
         for file in temp.iterdir():
             _readable_by_all(file, 0o666)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            temp.rename(out)
-            shutil.rmtree(old)
-        else:
-            temp.rename(out)
+        replace_dir(temp, out)
     finally:
         if temp.exists():
             shutil.rmtree(temp)

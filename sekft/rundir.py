@@ -65,6 +65,19 @@ def write_json_atomic(path: Path, obj: object) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the complete folder `new` at `out` (same file system), replacing any folder there.
+    A reader sees the old folder or the new one, never a mix: the old one is renamed aside
+    first and removed only once the new one is in place."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old)
+
+
 def claim_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Make `out` ready for a run, refusing to mix two runs in one folder.
 

@@ -202,3 +202,16 @@ def test_loss_curve_svg_of_no_points_is_still_valid():
 def test_metrics_lines_are_json_objects(tmp_path):
     append_metrics(tmp_path, {"step": 1, "loss": 0.5})
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+
+
+def test_replace_dir_swaps_a_complete_folder_in_and_leaves_nothing_aside(tmp_path):
+    from sekft.rundir import replace_dir
+
+    out = tmp_path / "base"
+    for version in ("old", "new"):
+        new = tmp_path / f".tmp-{version}"
+        new.mkdir()
+        (new / "weights").write_text(version)
+        replace_dir(new, out)
+        assert (out / "weights").read_text() == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]

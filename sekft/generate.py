@@ -133,6 +133,115 @@ def generate_ids(
     return out
 
 
+@dataclass(eq=False)
+class _Request:
+    """One `DecodeBatcher.generate` call as the worker sees it."""
+
+    prompt_ids: Sequence[int]
+    stop_ids: frozenset[int]
+    max_new_tokens: int
+    sampling: Sampling
+    generator: torch.Generator
+    conversation: Conversation
+    out: list[int]
+    done: threading.Event
+    error: BaseException | None = None
+
+
+class DecodeBatcher:
+    """`generate_ids` for many threads at once, their decoding steps run as one forward.
+
+    Decoding one token reads every weight once, and on a CPU (or a GPU at batch 1) that
+    memory traffic sets the pace, so the evaluator's concurrent episodes are stepped
+    together (`Decoder.decode_hidden`): with --jobs 8, eight conversations advance for
+    little more than the price of one. A caller blocks in `generate` until its tokens are
+    ready. A worker thread, started when work arrives and gone when none is left, prefills
+    each new request alone (a prompt is a batch of tokens already), then steps every
+    unfinished conversation by one token. The worker runs its forwards inside `context()`
+    (a base-only policy's `lora_disabled`, which is per thread) and under autocast in the
+    weights' dtype, as `generate_ids` does. Greedy tokens equal `generate_ids`' up to float
+    summation order (a test).
+    """
+
+    def __init__(self, model: Decoder, context=nullcontext):
+        self.model = model
+        self.context = context
+        self._lock = threading.Lock()
+        self._pending: list[_Request] = []
+        self._worker: threading.Thread | None = None
+
+    def generate(self, prompt_ids: Sequence[int], stop_ids: frozenset[int],
+                 max_new_tokens: int, sampling: Sampling, generator: torch.Generator,
+                 conversation: Conversation) -> list[int]:
+        """What `generate_ids` returns for the same arguments; `conversation` is required."""
+        if not extends(prompt_ids, conversation.ids):
+            raise ValueError("the prompt does not extend the conversation's cached tokens")
+        request = _Request(prompt_ids, stop_ids, max_new_tokens, sampling, generator,
+                           conversation, [], threading.Event())
+        with self._lock:
+            self._pending.append(request)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="sekft-decode",
+                                                daemon=True)
+                self._worker.start()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.out
+
+    def _run(self) -> None:
+        active: list[_Request] = []
+        try:
+            with self.context(), torch.no_grad():
+                while True:
+                    with self._lock:
+                        new, self._pending = self._pending, []
+                        if not new and not active:
+                            self._worker = None
+                            return
+                    active += [r for r in new if self._prefill(r)]
+                    if active:
+                        active = self._step(active)
+        except BaseException as e:  # every waiting caller gets the error, none hangs
+            with self._lock:
+                stranded, self._pending, self._worker = active + self._pending, [], None
+            for r in stranded:
+                r.error = e
+                r.done.set()
+
+    def _choose(self, r: _Request, logits: torch.Tensor) -> bool:
+        """Pick r's next token; True while r goes on, False (and r answered) when done."""
+        token = next_token(logits, r.sampling, r.generator)
+        r.out.append(token)
+        if token in r.stop_ids or len(r.out) >= r.max_new_tokens:
+            r.done.set()
+            return False
+        return True
+
+    def _prefill(self, r: _Request) -> bool:
+        weight = self.model.output_weight()
+        new = list(r.prompt_ids[len(r.conversation.ids):])
+        with autocast(weight.device, weight.dtype):
+            hidden = self.model.hidden(torch.tensor([new], device=weight.device),
+                                       cache=r.conversation.cache)
+            logits = self.model.lm_head(hidden[:, -1])[0]
+        r.conversation.ids += new
+        return self._choose(r, logits)
+
+    def _step(self, active: list[_Request]) -> list[_Request]:
+        weight = self.model.output_weight()
+        fed = [r.out[-1] for r in active]
+        with autocast(weight.device, weight.dtype):
+            hidden = self.model.decode_hidden(
+                torch.tensor([[t] for t in fed], device=weight.device),
+                [r.conversation.cache for r in active],
+            )
+            logits = self.model.lm_head(hidden[:, 0])
+        for r, token in zip(active, fed, strict=True):
+            r.conversation.ids.append(token)
+        return [r for r, row in zip(active, logits, strict=True) if self._choose(r, row)]
+
+
 def content_candidates(body: str) -> list[str]:
     """Ways the template may have glued `body` in, most trimmed first: the glue goes, and the
     content as generated is the last resort."""
@@ -190,6 +299,12 @@ class ModelPolicy:
         self.stop_ids = end_of_turn_ids(template, tokenizer)
         self.generator = torch.Generator().manual_seed(sampling.seed)
         self._local = threading.local()
+        if base_only:
+            from sekft.lora import lora_disabled
+
+            self.batcher = DecodeBatcher(model, lambda: lora_disabled(model))
+        else:
+            self.batcher = DecodeBatcher(model)
 
     def _conversation(self, messages: list[dict], prompt_ids: list[int]
                       ) -> tuple[Conversation, bool]:
@@ -211,17 +326,10 @@ class ModelPolicy:
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise ContextExhausted
-        if self.base_only:
-            from sekft.lora import lora_disabled
-
-            disabled = lora_disabled(self.model)
-        else:
-            disabled = nullcontext()
         conversation, full_prefill = self._conversation(messages, prompt_ids)
-        with disabled:
-            ids = generate_ids(self.model, prompt_ids, self.stop_ids,
-                               min(self.sampling.max_new_tokens, room), self.sampling,
-                               self.generator, conversation)
+        ids = self.batcher.generate(prompt_ids, self.stop_ids,
+                                    min(self.sampling.max_new_tokens, room), self.sampling,
+                                    self.generator, conversation)
         generated = self.tokenizer.decode(ids, skip_special_tokens=False)
         content, violation = reply_content(messages, generated,
                                            self.template.end_of_turn_strings, self.template)

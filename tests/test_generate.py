@@ -296,3 +296,83 @@ def test_generate_ids_refuses_a_prompt_that_does_not_extend_the_conversation(tin
     with pytest.raises(ValueError, match="does not extend"):
         generate_ids(base.model, [5, 7, 8], frozenset(), 2, GREEDY, torch.Generator(),
                      conversation)
+
+
+def _in_threads(calls):
+    """Run each zero-argument call in its own thread, all started together; their results
+    (or the exceptions they raised) in order."""
+    barrier = threading.Barrier(len(calls))
+    results = [None] * len(calls)
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = calls[i]()
+        except Exception as e:  # noqa: BLE001 - returned for the test to inspect
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def _worker_ends(batcher) -> bool:
+    """Whether the batcher's worker thread exits (it may still be on its last lap)."""
+    worker = batcher._worker
+    if worker is not None:
+        worker.join(10)
+    return batcher._worker is None
+
+
+def test_batched_decoding_from_several_threads_gives_each_its_generate_ids_tokens(tiny_llama):
+    from sekft.generate import Conversation, DecodeBatcher
+    from sekft.model import KVCache
+
+    base = load_base(tiny_llama, dtype=torch.float32, device="cpu")
+    layers = len(base.model.model.layers)
+    prompts = [[1, 5, 9], list(range(2, 30)), [7] * 11, [3, 4]]
+    stops = [frozenset(), frozenset({11}), frozenset(), frozenset()]
+    lengths = [12, 12, 3, 20]
+    expected = [generate_ids(base.model, p, s, n, GREEDY, torch.Generator())
+                for p, s, n in zip(prompts, stops, lengths, strict=True)]
+    batcher = DecodeBatcher(base.model)
+    conversations = [Conversation([], KVCache(layers)) for _ in prompts]
+    got = _in_threads([
+        lambda i=i: batcher.generate(prompts[i], stops[i], lengths[i], GREEDY,
+                                     torch.Generator(), conversations[i])
+        for i in range(len(prompts))
+    ])
+    assert got == expected
+    for prompt, out, conversation in zip(prompts, got, conversations, strict=True):
+        assert conversation.ids == prompt + out[:-1]
+        assert conversation.cache.length == len(conversation.ids)
+    assert _worker_ends(batcher)  # gone once no work is left
+
+
+def test_a_failed_batched_forward_reaches_every_waiting_caller(tiny_llama, monkeypatch):
+    from sekft.generate import Conversation, DecodeBatcher
+    from sekft.model import KVCache
+
+    base = load_base(tiny_llama, dtype=torch.float32, device="cpu")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (stand-in)")
+
+    monkeypatch.setattr(base.model, "decode_hidden", broken)
+    batcher = DecodeBatcher(base.model)
+    layers = len(base.model.model.layers)
+    got = _in_threads([
+        lambda: batcher.generate([1, 2, 3], frozenset(), 5, GREEDY, torch.Generator(),
+                                 Conversation([], KVCache(layers)))
+        for _ in range(3)
+    ])
+    assert all(isinstance(e, RuntimeError) and "stand-in" in str(e) for e in got)
+    assert _worker_ends(batcher)
+    monkeypatch.undo()
+    # The batcher is usable again afterwards: a fresh worker starts for the next call.
+    assert batcher.generate([1, 2, 3], frozenset(), 2, GREEDY, torch.Generator(),
+                            Conversation([], KVCache(layers))) == generate_ids(
+        base.model, [1, 2, 3], frozenset(), 2, GREEDY, torch.Generator())

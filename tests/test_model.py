@@ -253,6 +253,44 @@ def test_prefill_then_chunks_with_the_cache_match_transformers(tiny):
     torch.testing.assert_close(torch.cat(chunks, dim=1), expected, atol=TOL, rtol=0)
 
 
+def test_batched_decoding_of_caches_of_different_lengths_matches_transformers(tiny):
+    model, ids, expected = tiny
+    # Row 0 is 11 tokens in (past mistral's window of 8), row 1 only 5: each row's step
+    # must see its own cache, at its own position.
+    starts = [11, 5]
+    caches = [KVCache(model.config.num_layers) for _ in starts]
+    got: list[list[torch.Tensor]] = [[], []]
+    with torch.no_grad():
+        for row, (start, cache) in enumerate(zip(starts, caches, strict=True)):
+            model(ids[row : row + 1, :start], cache=cache)
+        for t in range(8):
+            step = torch.tensor([[ids[row, start + t]] for row, start in enumerate(starts)])
+            logits = model.lm_head(model.decode_hidden(step, caches))
+            for row in range(2):
+                got[row].append(logits[row, 0])
+    for row, start in enumerate(starts):
+        want = expected[row, start : start + 8]
+        torch.testing.assert_close(torch.stack(got[row]), want, atol=TOL, rtol=0)
+        assert caches[row].length == start + 8
+
+
+def test_the_cache_holds_every_appended_key_across_its_regrowths():
+    cache = KVCache(1)
+    parts = [torch.randn(1, 2, n, 4) for n in (3, 60, 1, 1, 70, 1)]
+    for part in parts:
+        keys, values = cache.update(0, part, part + 1)
+    torch.testing.assert_close(keys, torch.cat(parts, dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(values, torch.cat(parts, dim=2) + 1, rtol=0, atol=0)
+    assert cache.length == sum(p.shape[2] for p in parts)
+
+
+def test_decode_hidden_refuses_a_token_count_that_is_not_one_per_cache(tiny_llama):
+    model = load_base(tiny_llama, device="cpu").model
+    caches = [KVCache(model.config.num_layers)]
+    with pytest.raises(ValueError, match="one token per cache"):
+        model.decode_hidden(torch.tensor([[1, 2]]), caches)
+
+
 def test_packed_documents_give_the_logits_each_gives_alone(tiny):
     model, ids, _ = tiny
     first, second = ids[0, :9], ids[1, :11]  # 11 > mistral's window of 8

@@ -8,21 +8,28 @@ converts, with the recipes in recipes/ (copy them to start your own):
    no run ever trains on (`ticket`, `publish`);
 2. training: `sekft-train --config recipes/smollm2-135m-train.toml`;
 3. evaluation: `sekft-eval --config recipes/smollm2-135m-eval.toml --baseline`, the base
-   alone and base + adapter, then the table per group with Wilson intervals.
+   alone and base + adapter, then the table per group with Wilson intervals;
+4. the curve: the checkpoints training saved along the way (--checkpoints), each evaluated
+   with the adapter alone on the same held-out scenarios, against the training time and
+   tokens it had had.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from sekft.demo import command, run_step, side_by_side
+from sekft.demo import command, group_rates, percent, run_step, side_by_side
 from sekft.errors import ConfigError, run_cli
+from sekft.eval import wilson
+from sekft.recipe import read_recipe
+from sekft.rundir import write_json_atomic
 from sekft.scenarios import HELDOUT_FAMILIES, TRAIN_FAMILIES
 
 GROUPS = {"trained families": TRAIN_FAMILIES, "never-trained families": HELDOUT_FAMILIES}
@@ -43,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-seeds", type=int, default=5,
                    help="held-out episodes per family")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's max-steps")
+    p.add_argument("--checkpoints", type=int, default=3,
+                   help="checkpoints along training to evaluate for the curve (0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     return p.parse_args(argv)
 
@@ -51,6 +60,8 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if min(args.seeds, args.eval_seeds, args.threads) < 1:
         raise ConfigError("--seeds, --eval-seeds and --threads must be at least 1")
+    if args.checkpoints < 0:
+        raise ConfigError("--checkpoints must be 0 or more")
     if not (args.base / "config.json").exists():
         raise ConfigError(f"{args.base}: no converted model there; run `make real-base`")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -70,6 +81,9 @@ def _main(argv: list[str] | None) -> int:
         "--out", str(scenarios),
     ], env)
     steps = ["--max-steps", str(args.steps)] if args.steps else []
+    total_steps = args.steps or read_recipe(args.train_recipe).get("max-steps")
+    every = save_every(total_steps, args.checkpoints)
+    steps += ["--save-every", str(every)] if every else []
     times["train"] = run_step("2/3 train a LoRA adapter on SmolLM2-135M-Instruct",
                               command("sekft-train", "sekft.sft") + [
         "--config", str(args.train_recipe), "--base", str(args.base), "--data", str(data),
@@ -82,13 +96,79 @@ def _main(argv: list[str] | None) -> int:
         "--out", str(work / "eval"),
     ], env)
     results = json.loads((work / "eval" / "results.json").read_text())
+    points = []
+    for step, folder in checkpoints(work / "adapter"):
+        if step == total_steps:  # the final adapter, evaluated above
+            continue
+        times["eval"] += run_step(f"4/4 the curve: the checkpoint at step {step}",
+                                  command("sekft-eval", "sekft.eval") + [
+            "--config", str(args.eval_recipe), "--base", str(args.base), "--adapter",
+            str(folder), "--scenarios", str(scenarios), "--out", str(work / f"eval-{step}"),
+        ], env)
+        points.append(curve_point(step, work / "adapter" / "metrics.jsonl",
+                                  json.loads((work / f"eval-{step}" / "results.json")
+                                             .read_text())["episodes"]))
+    if every:
+        points.append(curve_point(total_steps, work / "adapter" / "metrics.jsonl",
+                                  results["episodes"]))
+        write_json_atomic(work / "curve.json", points)
     total = time.perf_counter() - started
     print(f"\n== sekft demo-real: held-out episodes, base alone vs base + adapter ({total:.0f} s "
           f"in all: data {times['data']:.0f} s, training {times['train']:.0f} s, "
           f"evaluation {times['eval']:.0f} s)")
     print(side_by_side(results["episodes"], GROUPS))
+    if len(points) > 1:
+        print("\n== pass rate against training (base + adapter; checkpoints of one run)")
+        print(curve_table(points))
     print(f"\ntranscripts: {work / 'eval' / 'report.html'}")
     return 0
+
+
+def save_every(total_steps: int | None, points: int) -> int:
+    """The --save-every that leaves `points` checkpoints evenly along `total_steps` (the
+    last is the final adapter); 0 when no curve is asked for or the steps are unknown."""
+    if not points or not total_steps:
+        return 0
+    return max(1, math.ceil(total_steps / points))
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """The (step, folder) of each checkpoint-N folder sekft-train saved in `run`, by step."""
+    found = [(int(p.name.split("-", 1)[1]), p) for p in run.glob("checkpoint-*")
+             if p.name.split("-", 1)[1].isdigit() and (p / "adapter_config.json").exists()]
+    return sorted(found)
+
+
+def curve_point(step: int, metrics: Path, episodes: list[dict]) -> dict:
+    """One point of the curve: the training time and tokens up to `step` (from the run's
+    metrics.jsonl) and, per group, the adapter's (passed, episodes) and terminations."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    upto = [r for r in records if r["step"] <= step]
+    seconds = upto[-1]["elapsed"] if upto and upto[-1]["step"] == step else None
+    tokens = sum(r["tokens"] for r in upto)
+    rates = group_rates([e for e in episodes if e["run"] == "adapter"], GROUPS)
+    groups = {group: {"pass": list(r["pass"]), "terminated": list(r["terminated"])}
+              for (group, _), r in rates.items()}
+    return {"step": step, "train_seconds": seconds, "tokens": tokens,
+            "groups": groups}
+
+
+def curve_table(points: list[dict]) -> str:
+    """Pass rate per group (counts, 95% Wilson interval) at each checkpoint's step, with the
+    training seconds and tokens it took to get there."""
+    rows = [["step", "train time", "tokens"] + [f"pass: {g}" for g in GROUPS]]
+    for p in points:
+        seconds = p["train_seconds"]
+        cells = [str(p["step"]), "-" if seconds is None else f"{seconds:.0f} s",
+                 f"{p['tokens']:,}"]
+        for group in GROUPS:
+            k, n = p["groups"].get(group, {}).get("pass", (0, 0))
+            low, high = wilson(k, n)
+            cells.append(f"{percent(k, n)} [{low:.0%}-{high:.0%}]" if n else "-")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,3 +98,44 @@ def test_real_demo_without_the_converted_model_says_how_to_get_it(tmp_path, caps
 
     assert demo_real.main(["--base", str(tmp_path / "none"), "--work", str(tmp_path)]) == 1
     assert "run `make real-base`" in capsys.readouterr().err
+
+
+def test_real_demo_spreads_its_checkpoints_evenly_and_skips_the_curve_when_asked():
+    from sekft import demo_real
+
+    assert demo_real.save_every(48, 4) == 12
+    assert demo_real.save_every(30, 4) == 8  # checkpoints at 8, 16, 24 and the end, 30
+    assert demo_real.save_every(2, 5) == 1
+    assert demo_real.save_every(48, 0) == 0
+    assert demo_real.save_every(None, 3) == 0
+
+
+def test_real_demo_curve_reads_each_checkpoints_time_tokens_and_pass_rates(tmp_path):
+    import json
+
+    from sekft import demo_real
+
+    run = tmp_path / "adapter"
+    for name in ("checkpoint-10", "checkpoint-5", "checkpoint-x", "checkpoint-7"):
+        (run / name).mkdir(parents=True)
+    for name in ("checkpoint-10", "checkpoint-5", "checkpoint-x"):
+        (run / name / "adapter_config.json").write_text("{}")
+    # checkpoint-7 holds no adapter (a save cut short), checkpoint-x is no step
+    assert [step for step, _ in demo_real.checkpoints(run)] == [5, 10]
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "elapsed": 3.0 * s, "tokens": 100 + s})
+                               + "\n" for s in range(1, 11)))
+    episodes = [episode("ledger", "adapter", True, "exit", [True])] * 3 + [
+        episode("ledger", "adapter", False, "budget", [True]),
+        episode("ticket", "adapter", True, "exit", [True]),
+        episode("ticket", "base", True, "exit", [True]),  # the base's rows are not the curve's
+    ]
+    point = demo_real.curve_point(5, metrics, episodes)
+    assert point == {"step": 5, "train_seconds": 15.0, "tokens": 5 * 100 + 15,
+                     "groups": {"trained families": {"pass": [3, 4], "terminated": [3, 4]},
+                                "never-trained families": {"pass": [1, 1],
+                                                           "terminated": [1, 1]}}}
+    lines = demo_real.curve_table([point, demo_real.curve_point(10, metrics, [])]).splitlines()
+    assert lines[1].split()[:5] == ["5", "15", "s", "515", "75%"]
+    assert "(3/4) [30%-95%]" in lines[1] and "(1/1) [21%-100%]" in lines[1]
+    assert lines[2].split() == ["10", "30", "s", "1,055", "-", "-"]

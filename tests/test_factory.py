@@ -26,6 +26,7 @@ from sekft.scenarios.factory.spec import (
     ENDING_SETS,
     GRAMMARS,
     HELDOUT_SHARE,
+    NAMINGS,
     POSTS,
     WORKS,
     shares_no_spec_part,
@@ -79,6 +80,7 @@ def test_dimensions_vary_independently_over_family_seeds():
     assert {s.language for s in specs} == {"bash", "python"}
     assert {s.confirm is None for s in specs} == {True, False}
     assert {s.subcommand for s in specs} == {True, False}
+    assert {s.naming for s in specs} == set(NAMINGS)
     # independent: each pair of grammar style and work kind is met
     assert len({(s.grammar, s.work) for s in specs}) == len(GRAMMARS) * len(WORKS)
 
@@ -179,6 +181,22 @@ def test_expert_reads_the_providers_own_documentation():
         spec = family_spec(family)
         commands = build(family, 0).commands
         assert set(doc_commands(spec)) <= set(commands) or spec.docs == "usage"
+
+
+def test_an_unnamed_provider_is_found_on_the_path_before_it_is_used():
+    unnamed = [s for s in range(80) if family_spec(s).naming == "unnamed"]
+    named = [s for s in range(80) if family_spec(s).naming == "named"]
+    assert len(unnamed) >= 20 and len(named) >= 20
+    for family in unnamed:
+        spec, instance = family_spec(family), build(family, 0)
+        # nothing the directive's world holds names the tool (its own files aside)
+        assert spec.name not in " ".join(
+            body.decode(errors="replace") for path, body in instance.files.items()
+            if not path.startswith(("local/", "share/")) and spec.name not in path), family
+        first_use = next(i for i, c in enumerate(instance.commands) if spec.name in c)
+        assert "ls /usr/local/bin" in instance.commands[:first_use], family
+    for family in named:
+        assert "ls /usr/local/bin" not in build(family, 0).commands
 
 
 def test_written_scenario_carries_its_expert_in_meta(tmp_path):

@@ -2,8 +2,9 @@
 
 The expert's episode, by ending:
 
-    success   find the directive, read the provider's documentation, do the work, call the
-              provider, `exit`
+    success   find the directive (and, when it does not name the provider, the provider:
+              `ls /usr/local/bin`), read the provider's documentation, do the work, call
+              the provider, `exit`
     blocked   the same, but the provider refuses (no token, no quota, not a writer): after
               that refusal, `panic "reason"`; check.sh wants the panic AND the attempt
     recover   find the directive and do the work, then call the provider wrongly: without
@@ -36,6 +37,9 @@ from sekft.scenarios.factory.vocab import Vocab
 from sekft.scenarios.factory.work import BUILDERS, Job
 from sekft.scenarios.world import Instance, expect_ending, text
 
+# What an unnamed family's directive calls its provider: nothing a command could be.
+UNNAMED = ("the local tool", "the tool installed here", "this machine's tool for it",
+           "the usual tool")
 PANIC_REASONS = {
     "credential": "no API token for {name}; the administrator must issue one",
     "quota": "the {name} quota is used up; support must raise it",
@@ -51,7 +55,8 @@ def build_instance(spec: FamilySpec, seed: int, vocab: str = "open") -> Instance
     rng = random.Random(f"sekft.factory.instance:{spec.seed}:{seed}:{vocab}")
     v = Vocab(vocab, rng)
     ending = rng.choice(spec.endings)
-    job = BUILDERS[spec.work](rng, v, spec.variant, spec.name)
+    tool = spec.name if spec.naming == "named" else rng.choice(UNNAMED)
+    job = BUILDERS[spec.work](rng, v, spec.variant, tool)
     directive = job.directive
     glued = job.glued + tuple(job.values[role] for _, role, kind in spec.fields
                               if kind == "file" and "/" not in job.values[role])
@@ -60,6 +65,8 @@ def build_instance(spec: FamilySpec, seed: int, vocab: str = "open") -> Instance
     placed = post(rng.choice(spec.posts), rng, directive, set(v.used))
     values = {label: job.values[role] for label, role, _ in spec.fields}
     commands = [*placed.commands]
+    if spec.naming == "unnamed":  # the directive does not say which tool: look on the PATH
+        commands.append("ls /usr/local/bin")
     if ending != "recover" or spec.confirm:
         commands += doc_commands(spec)
     commands += job.before

@@ -58,6 +58,9 @@ WORKS: dict[str, tuple[str, ...]] = {
     "send": ("named", "address", "lookup"),
 }
 POSTS = ("home", "hidden", "mail", "motd", "archive", "nested", "pointer")
+# Whether the directive names the provider, or leaves it to be found on the PATH
+# (`ls /usr/local/bin`), as the suite's ticket and publish directives do.
+NAMINGS = ("named", "unnamed")
 ENDING_SETS = (("success",), ("success", "blocked"), ("success", "recover"), ("blocked",),
                ("recover",), ("success", "blocked", "recover"))
 BLOCKERS = ("credential", "quota", "permission")
@@ -130,6 +133,7 @@ class FamilySpec:
     posts: tuple[str, ...]
     endings: tuple[str, ...]
     blocker: str
+    naming: str = "named"
 
     @property
     def family(self) -> str:
@@ -211,6 +215,7 @@ def family_spec(seed: int) -> FamilySpec:
         posts=tuple(rng.sample(POSTS, 2)),
         endings=rng.choice(ENDING_SETS),
         blocker=rng.choice(BLOCKERS),
+        naming=rng.choice(NAMINGS),  # drawn last: the other draws stay as they were
     )
     validate_spec(spec)
     return spec
@@ -242,6 +247,8 @@ def validate_spec(spec: FamilySpec) -> None:
         problems.append(f"directive posts {spec.posts} include one nobody can find")
     if not spec.endings or not set(spec.endings) <= {"success", "blocked", "recover"}:
         problems.append(f"endings {spec.endings} are not success, blocked or recover")
+    if spec.naming not in NAMINGS:
+        problems.append(f"naming {spec.naming!r} is neither named nor unnamed")
     if spec.blocker not in BLOCKERS:
         problems.append(f"blocker {spec.blocker!r} is unknown")
     if spec.name in RESERVED or spec.verb == "help":
@@ -272,7 +279,9 @@ def describe(spec: FamilySpec) -> str:
         f"  grammar:    {grammar}",
         f"  fields:     {fields}",
         f"  docs:       {spec.docs}, layout {spec.layout}, wording {spec.wording}",
-        f"  directive:  {' or '.join(spec.posts)}",
+        f"  directive:  {' or '.join(spec.posts)}, "
+        + ("names the provider" if spec.naming == "named"
+           else "does not name the provider (found with ls /usr/local/bin)"),
         f"  work:       {spec.work} ({spec.variant})",
         f"  endings:    {' or '.join(spec.endings)}"
         + (f" (blocked by: {spec.blocker})" if "blocked" in spec.endings else ""),

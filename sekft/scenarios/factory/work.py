@@ -74,7 +74,7 @@ def record(rng: random.Random, v: Vocab, variant: str, tool: str) -> Job:
     read = f"grep {key} {path}" if variant == "grep" else f"cat {path}"
     directive = rng.choice([
         f"Look up {key} in {path} and record its value with {tool}.",
-        f"Record the value of {key} (it is in {path}) using the {tool} tool.",
+        f"Record the value of {key} (it is in {path}) using {tool}.",
         f"{path} lists values by name. Put the one for {key} into {tool}.",
     ])
     return Job(directive=directive, files={f"home/{path}": text(
@@ -173,8 +173,7 @@ def file_op(kind: str) -> Callable[[random.Random, Vocab, str, str], Job]:
         verb = {"copy": "Copy", "move": "Move", "rename": "Rename"}[kind]
         directive = rng.choice([
             f"{verb} {src} to {dst}, then register {dst} with {tool}.",
-            f"Please {verb.lower()} {src} to {dst} and register the result with the {tool} "
-            "tool.",
+            f"Please {verb.lower()} {src} to {dst} and register the result with {tool}.",
         ])
         check = output_is(f'cat "$HOME/{dst}"', content, f"{dst} is not {src}'s contents")
         if op == "mv":

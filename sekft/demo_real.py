@@ -97,20 +97,21 @@ def _main(argv: list[str] | None) -> int:
     ], env)
     results = json.loads((work / "eval" / "results.json").read_text())
     points = []
+    metrics = work / "adapter" / "metrics.jsonl"
+    # the step training really ended at (a short dataset can end it before max-steps)
+    final = json.loads(metrics.read_text().splitlines()[-1])["step"] if every else None
     for step, folder in checkpoints(work / "adapter"):
-        if step == total_steps:  # the final adapter, evaluated above
+        if step == final:  # the final adapter, evaluated above
             continue
-        times["eval"] += run_step(f"4/4 the curve: the checkpoint at step {step}",
+        times["eval"] += run_step(f"3/3 evaluate the checkpoint at step {step} (the curve)",
                                   command("sekft-eval", "sekft.eval") + [
             "--config", str(args.eval_recipe), "--base", str(args.base), "--adapter",
             str(folder), "--scenarios", str(scenarios), "--out", str(work / f"eval-{step}"),
         ], env)
-        points.append(curve_point(step, work / "adapter" / "metrics.jsonl",
-                                  json.loads((work / f"eval-{step}" / "results.json")
-                                             .read_text())["episodes"]))
+        episodes = json.loads((work / f"eval-{step}" / "results.json").read_text())["episodes"]
+        points.append(curve_point(step, metrics, episodes))
     if every:
-        points.append(curve_point(total_steps, work / "adapter" / "metrics.jsonl",
-                                  results["episodes"]))
+        points.append(curve_point(final, metrics, results["episodes"]))
         write_json_atomic(work / "curve.json", points)
     total = time.perf_counter() - started
     print(f"\n== sekft demo-real: held-out episodes, base alone vs base + adapter ({total:.0f} s "

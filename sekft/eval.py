@@ -188,7 +188,9 @@ def run_episode(scenario: Scenario, policy: Policy, config: EpisodeConfig,
         banner = (sandbox.world / "motd").read_bytes()
         with Shell(sandbox, kill_grace=config.kill_grace) as shell:
             episode.messages.append({"role": "user", "content": login(banner, shell.prompt())})
-            _play(episode, scenario, policy, shell, config, started)
+            # The limit bounds the model's play, from the first prompt: setup and check have
+            # their own limits, and a loaded machine's slow start is not the model's time.
+            _play(episode, scenario, policy, shell, config, time.monotonic())
         transcript = sandbox.stage("transcript.json",
                                    text=json.dumps(episode.messages, ensure_ascii=False))
         try:
@@ -680,7 +682,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens; default: the model's max_position_embeddings")
     p.add_argument("--max-output-bytes", type=int, default=MAX_OUTPUT_BYTES)
-    p.add_argument("--episode-timeout", type=float, default=900.0, help="seconds per episode")
+    p.add_argument("--episode-timeout", type=float, default=900.0, help="seconds of play per episode, from the first prompt")
     p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (default: auto, bf16 where the device has native bf16)")

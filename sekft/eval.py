@@ -682,7 +682,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens; default: the model's max_position_embeddings")
     p.add_argument("--max-output-bytes", type=int, default=MAX_OUTPUT_BYTES)
-    p.add_argument("--episode-timeout", type=float, default=900.0, help="seconds of play per episode, from the first prompt")
+    p.add_argument("--episode-timeout", type=float, default=900.0,
+                   help="seconds of play per episode, from the first prompt")
     p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (default: auto, bf16 where the device has native bf16)")

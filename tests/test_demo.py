@@ -139,3 +139,34 @@ def test_real_demo_curve_reads_each_checkpoints_time_tokens_and_pass_rates(tmp_p
     assert lines[1].split()[:5] == ["5", "15", "s", "515", "75%"]
     assert "(3/4) [30%-95%]" in lines[1] and "(1/1) [21%-100%]" in lines[1]
     assert lines[2].split() == ["10", "30", "s", "1,055", "-", "-"]
+
+
+def test_real_demo_groups_generated_held_out_families_apart_from_the_suite(tmp_path):
+    import json
+
+    from sekft import demo_real
+
+    def scenario(name, family):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scenario.json").write_text(json.dumps({"family": family}))
+
+    scenario("ledger-heldout-0", "ledger")
+    scenario("ticket-heldout-0", "ticket")
+    assert demo_real.demo_groups(tmp_path) == demo_real.GROUPS  # no generated group
+    scenario("fx7-somofor-heldout-0", "fx7-somofor")
+    scenario("fx12-bal-heldout-0", "fx12-bal")
+    groups = demo_real.demo_groups(tmp_path)
+    assert groups[demo_real.GENERATED] == ("fx12-bal", "fx7-somofor")
+    assert {k: v for k, v in groups.items() if k != demo_real.GENERATED} == demo_real.GROUPS
+    episodes = [episode("fx7-somofor", "adapter", True, "exit", [True]),
+                episode("fx12-bal", "adapter", False, "panic", [True]),
+                episode("ledger", "adapter", True, "exit", [True])]
+    table = demo.side_by_side(episodes, groups)
+    assert "held-out generated families  base + adapter   50% (1/2)" in table
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "elapsed": 2.0, "tokens": 50}) + "\n")
+    point = demo_real.curve_point(1, metrics, episodes, groups)
+    assert point["groups"][demo_real.GENERATED]["pass"] == [1, 2]
+    header, row = demo_real.curve_table([point], groups).splitlines()
+    assert header.endswith("pass: held-out generated families")
+    assert row.endswith("50% (1/2) [9%-91%]")

@@ -34,7 +34,11 @@ class Session:
 
 
 def check_messages(messages: object, where: str) -> list[dict]:
-    """`messages` if it is a non-empty list of {role, content} objects, else DataError."""
+    """`messages` if it is a non-empty list of {role, content} objects, else DataError.
+
+    An assistant turn may carry OpenAI's fine-tuning key `weight`: 1 trains it (the default),
+    0 keeps it in the context untrained (a step shown, not taught).
+    """
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field 'messages': expected a non-empty list of "
                         f"{{role, content}} objects, got {json.dumps(messages)[:60]}")
@@ -47,6 +51,10 @@ def check_messages(messages: object, where: str) -> list[dict]:
             raise DataError(f"{at}.role': expected one of {list(ROLES)}, got {json.dumps(role)}")
         if not isinstance(content, str):
             raise DataError(f"{at}.content': expected a string, got {json.dumps(content)[:60]}")
+        if "weight" in message and (role != "assistant" or message["weight"] not in (0, 1)
+                                    or isinstance(message["weight"], bool)):
+            raise DataError(f"{at}.weight': expected 0 or 1 on an assistant turn, got "
+                            f"{json.dumps(message['weight'])[:20]} on a {role} turn")
     return messages
 
 

@@ -55,10 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="generated training families recorded beside the suite (0: none)")
     p.add_argument("--factory-seeds", type=int, default=3,
                    help="recorded episodes per generated training family")
+    p.add_argument("--detours", type=float, default=0.5,
+                   help="share of training instances also recorded with a read-only step "
+                        "repeated, the repeat untrained (what breaks greedy loops)")
     p.add_argument("--factory-heldout", type=int, default=10,
                    help="held-out generated families evaluated, one instance each (0: none)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's max-steps")
-    p.add_argument("--checkpoints", type=int, default=3,
+    p.add_argument("--checkpoints", type=int, default=2,
                    help="checkpoints along training to evaluate for the curve (0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     return p.parse_args(argv)
@@ -86,7 +89,7 @@ def _main(argv: list[str] | None) -> int:
     times = {}
     times["data"] = run_step("1/3 data: training families' trajectories", py + [
         "sekft.scenarios.record", "--split", "train", "--seeds", str(args.seeds),
-        "--out", str(data / "suite.jsonl"), "--jobs", "2",
+        "--out", str(data / "suite.jsonl"), "--jobs", "2", "--detours", str(args.detours),
     ], env)
     if args.factory_families:
         times["data"] += run_step("1/3 data: generated families' trajectories", py + [
@@ -96,6 +99,7 @@ def _main(argv: list[str] | None) -> int:
         ], env) + run_step("1/3 data: record them", py + [
             "sekft.scenarios.record", "--split", "train", "--scenarios",
             str(generated / "train"), "--out", str(data / "generated.jsonl"), "--jobs", "2",
+            "--detours", str(args.detours),
         ], env)
     times["data"] += run_step("1/3 data: held-out scenarios", py + [
         "sekft.scenarios", "--split", "heldout", "--seeds", str(args.eval_seeds),

@@ -133,6 +133,17 @@ def session_renders(messages: Sequence[Mapping], template: ChatTemplate) -> Rend
     return Renders(text, prompts, histories)
 
 
+def served(messages: Sequence[Mapping]) -> list[dict]:
+    """The session as a server receives it: {role, content} only."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def untrained_turns(messages: Sequence[Mapping]) -> frozenset[int]:
+    """Indices of the assistant turns marked `weight: 0` (OpenAI's fine-tuning key)."""
+    return frozenset(n for n, m in enumerate(messages)
+                     if m["role"] == "assistant" and m.get("weight", 1) == 0)
+
+
 def locate_content(text: str, content: str, start: int, stop: int) -> tuple[int, int] | None:
     """Where `content` sits in text[start:stop]: as given, else stripped (templates that trim)."""
     if not content.strip():
@@ -421,7 +432,8 @@ def encode_sessions(
     for name, messages in zip(names, sessions, strict=True):
         messages = normalize_for_template(messages) if normalize else [dict(m) for m in messages]
         try:
-            all_renders.append(session_renders(messages, template))
+            # rendered as served, {role, content}: `weight` only decides what trains
+            all_renders.append(session_renders(served(messages), template))
         except TemplateError as e:
             raise TemplateError(f"{name}: {e}") from e
         prepared.append(messages)
@@ -442,7 +454,7 @@ def encode_sessions(
     ):
         per_turn = {turn: next(prompt_ids) for turn in renders.prompts}
         encoded = mask_session(messages, renders, ids, offsets, ends, per_turn, eot_ids,
-                               template.end_of_turn_strings)
+                               template.end_of_turn_strings, untrained_turns(messages))
         if strict and encoded.violations:
             v = encoded.violations[0]
             raise MaskError(f"{name}: turn {v.turn}: check {v.check} failed: {v.detail} "
@@ -477,8 +489,12 @@ def mask_session(
     prompt_ids: Mapping[int, tuple[int, list[int]]],
     eot_ids: frozenset[int],
     end_strings: Sequence[str],
+    untrained: frozenset[int] = frozenset(),
 ) -> Encoded:
-    """Spans, mask, labels and every check for one rendered and tokenized session."""
+    """Spans, mask, labels and every check for one rendered and tokenized session.
+
+    The assistant turns in `untrained` (weight 0) get every check but train nothing.
+    """
     text = renders.text
     spans, violations, kept = [], [], []
     for turn in renders.prompts:
@@ -493,7 +509,7 @@ def mask_session(
         if not found:
             found = check_early_stop(turn, text, span, offsets, end_strings)
         violations += found
-        if not found:
+        if not found and turn not in untrained:
             kept.append(span)
     trained, straddles = token_mask(offsets, [(s.start, s.end) for s in kept], ends)
     labels = labels_from_mask(input_ids, trained)

@@ -300,9 +300,10 @@ def normalize_for_template(messages: Sequence[Mapping]) -> list[dict]:
     2. a leading `system` turn folds into the first `user` turn after it, as
        system + SYSTEM_JOINER ("\\n\\n") + user; with no user turn after it, it becomes a user
        turn itself.
-    An empty content joins without a joiner. Only `role` and `content` are kept; later `system`
-    turns are left for the template to handle. The result is a fixed point: normalizing it again
-    changes nothing.
+    An empty content joins without a joiner. Only `role` and `content` are kept, and
+    `weight: 0` on an assistant turn that must not train (a merged turn keeps it if any part
+    had it: what was marked untrained never trains); later `system` turns are left for the
+    template to handle. The result is a fixed point: normalizing it again changes nothing.
     """
     merged: list[dict] = []
     for message in messages:
@@ -311,6 +312,8 @@ def normalize_for_template(messages: Sequence[Mapping]) -> list[dict]:
             merged[-1]["content"] = join_contents(merged[-1]["content"], content, TURN_JOINER)
         else:
             merged.append({"role": role, "content": content})
+        if role == "assistant" and message.get("weight", 1) == 0:
+            merged[-1]["weight"] = 0
     if not merged or merged[0]["role"] != "system":
         return merged
     system, rest = merged[0], merged[1:]

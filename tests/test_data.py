@@ -56,6 +56,18 @@ def test_reads_the_shell_fixture():
         (
             '{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": null}]}',
             r"bad.jsonl:2: field 'messages\[1\].content': expected a string, got null",
+        ),        (
+            '{"messages": [{"role": "user", "content": "x", "weight": 0}]}',
+            r"bad.jsonl:2: field 'messages\[0\].weight': expected 0 or 1 on an assistant turn, "
+            r"got 0 on a user turn",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": "x", "weight": 0.5}]}',
+            r"bad.jsonl:2: field 'messages\[0\].weight': expected 0 or 1 .* got 0.5",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": "x", "weight": true}]}',
+            r"bad.jsonl:2: field 'messages\[0\].weight': expected 0 or 1 .* got true",
         ),
     ],
 )

@@ -258,6 +258,72 @@ def test_encode_session_normalizes_first():
     assert encoded.text == "<s>[INST] S\n\na\nb [/INST]ls</s>"
 
 
+
+# ---- weight 0: a turn shown in the context, not trained ---------------------------------------
+
+@pytest.mark.parametrize("folder", TOKENIZER_FOLDERS)
+def test_a_weight_0_turn_trains_nothing_and_changes_nothing_else(folder):
+    template, tokenizer = our_template(folder), tokenizer_of(folder)
+
+    @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(messages=sessions(min_turns=2, max_turns=20), picks=st.lists(st.booleans()))
+    def exact(messages, picks):
+        messages = canonical(messages)
+        turns = [n for n, m in enumerate(messages) if m["role"] == "assistant"]
+        untrained = {t for t, pick in zip(turns, picks, strict=False) if pick}
+        assume(untrained)
+        weighted = [{**m, "weight": 0} if n in untrained else m for n, m in enumerate(messages)]
+        plain, marked = (encode_session(m, template, tokenizer) for m in (messages, weighted))
+        # rendered as served: the same text and tokens, the same checks, less the findings
+        # about trained edges (straddle, coverage) that an untrained span no longer has
+        assert (marked.text, marked.input_ids) == (plain.text, plain.input_ids)
+        assert all(v in plain.violations for v in marked.violations)
+        assert {v.check for v in plain.violations if v not in marked.violations} <= {
+            "straddle", "coverage"}
+        shut = [(s.start, s.end) for s in plain.spans if s.turn in untrained]
+        expected = [IGNORE if any(a <= o[0] and o[1] <= b for a, b in shut) else label
+                    for label, o in zip(plain.labels, plain.offsets, strict=True)]
+        assert marked.labels == expected
+        # no character of an untrained turn's span trains; the other turns train as before
+        for k in trained_indices(marked):
+            assert not any(a <= marked.offsets[k][0] < b for a, b in shut)
+        kept = [s for s in plain.spans if s.turn not in untrained]
+        assert marked.trained_tokens == sum(
+            1 for k in trained_indices(plain)
+            if any(s.start <= plain.offsets[k][0] < s.end for s in kept))
+
+    exact()
+
+
+def test_weight_survives_normalizing_and_a_merged_turn_keeps_weight_0():
+    from sekft.template import normalize_for_template
+
+    messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+                {"role": "assistant", "content": "b", "weight": 0},
+                {"role": "user", "content": "v"}, {"role": "assistant", "content": "c",
+                                                   "weight": 1}]
+    assert normalize_for_template(messages) == [
+        {"role": "user", "content": "u"}, {"role": "assistant", "content": "a\nb", "weight": 0},
+        {"role": "user", "content": "v"}, {"role": "assistant", "content": "c"}]
+    once = normalize_for_template(messages)
+    assert normalize_for_template(once) == once
+
+
+def test_sft_data_with_weight_0_trains_one_turn_fewer(tmp_path):
+    folder = "mistral-7b-instruct-v0.2"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ls"},
+                {"role": "user", "content": "a b"}, {"role": "assistant", "content": "ls",
+                                                     "weight": 0},
+                {"role": "user", "content": "a b"}, {"role": "assistant", "content": "exit"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    session = read_sessions(path)[0]
+    encoded = encode_session(session.messages, our_template(folder), tokenizer_of(folder))
+    trained = tokenizer_of(folder).decode([t for t in encoded.labels if t != IGNORE],
+                                          skip_special_tokens=False)
+    assert trained.replace(" ", "") == "ls</s>exit</s>"
+
+
 # ---- named checks ---------------------------------------------------------------------------
 
 USER_ASSISTANT = [

@@ -346,3 +346,84 @@ def test_expert_passes_twenty_seeds_of_every_split(family):
     todo = [build(family, seed, split) for split in splits_of(family) for seed in range(20)]
     records = record(todo, EpisodeConfig(), jobs=4)
     assert [r["ending"] for r in records] == [i.expect for i in todo]
+
+
+# ---- detours: a read-only step repeated, the repeat untrained -------------------------------
+
+@pytest.mark.parametrize(("command", "read_only"), [
+    ("ls", True), ("cat NOTE", True), ("cat $MAIL", True), ("man ledger", True),
+    ("ledger --help", True), ("relupo -h", True), ("ticket help", True),
+    ("grep -c fig data/a.txt", True), ("ledger add fig", False), ("tar xzf a.tar.gz", False),
+    ("cat a > b", False), ("grep x a | wc -l", False), ("cat $(ls)", False),
+    ("ls; rm x", False), ("cd orders", False), ("exit", False), ("cat 'open", False), ("", False),
+])
+def test_only_a_command_that_reads_and_prints_is_repeated(command, read_only):
+    from sekft.scenarios.detour import is_read_only
+
+    assert is_read_only(command) is read_only
+
+
+def test_the_detour_step_is_read_only_never_the_ending_and_fixed_by_the_key():
+    from sekft.scenarios.detour import detour_step, mark_repeat, with_repeat
+
+    commands = ["ls", "cat NOTE", "ledger add fig", "ledger --help", "exit"]
+    steps = {detour_step(commands, f"s-{n}") for n in range(200)}
+    assert steps == {0, 1, 3}
+    assert detour_step(commands, "s-7") == detour_step(list(commands), "s-7")
+    assert detour_step(["ledger add fig", "ls"], "k") is None  # only the ending reads
+    assert with_repeat(commands, 1) == ["ls", "cat NOTE", "cat NOTE", "ledger add fig",
+                                        "ledger --help", "exit"]
+    messages = [{"role": r, "content": c} for r, c in [
+        ("user", "login"), ("assistant", "ls"), ("user", "NOTE"), ("assistant", "ls"),
+        ("user", "NOTE"), ("assistant", "exit")]]
+    marked = mark_repeat(messages, 0)
+    assert [m.get("weight") for m in marked] == [None, None, None, 0, None, None]
+    assert "weight" not in messages[3]  # the input is left as it was
+    with pytest.raises(ValueError, match="no repeat of step 2"):
+        mark_repeat(messages, 2)
+
+
+@needs_bwrap
+def test_a_detour_is_played_in_the_sandbox_and_trains_only_the_step_after_it(
+        expert_records, tiny_llama):
+    from sekft.mask import IGNORE
+    from sekft.scenarios.detour import detour_step
+
+    for family in ("lookup", "ticket"):
+        plain = expert_records[family]
+        instance = build(family, 0, "heldout")
+        detour = record_instance(instance, EpisodeConfig(), detour=True)
+        step = detour_step(list(instance.commands), instance.id)
+        assert detour["detour"] == step and detour["ending"] == plain["ending"]
+        said = [m for m in detour["messages"] if m["role"] == "assistant"]
+        assert [m.get("weight", 1) for m in said].count(0) == 1
+        assert said[step + 1] == {**said[step], "weight": 0}
+        # the repeat's observation is what the shell printed the first time too
+        m = detour["messages"]
+        at = m.index(said[step + 1])
+        assert m[at + 1] == m[at - 1]
+        # without the repeat pair, the episode is the expert's own
+        assert m[:at] + m[at + 2:] == plain["messages"]
+        folder = TEMPLATES / "smollm2"
+        template, tokenizer = ChatTemplate.from_folder(folder), load_tokenizer(folder)
+        encoded, reference = encode_sessions([m, plain["messages"]], template, tokenizer)
+        assert encoded.violations == []
+        trained = [t for t in encoded.labels if t != IGNORE]
+        assert trained == [t for t in reference.labels if t != IGNORE]
+
+
+@needs_bwrap
+def test_record_cli_detours_a_share_of_the_instances(tmp_path, capsys):
+    out = tmp_path / "d.jsonl"
+    assert record_main(["--split", "train", "--seeds", "4", "--families", "lookup,relay",
+                        "--detours", "1", "--out", str(out)]) == 0
+    sessions = read_sessions(out)
+    detours = [s for s in sessions if "detour" in s.extra]
+    assert len(sessions) - len(detours) == 8 and len(detours) >= 4
+    for n, s in enumerate(sessions):
+        if "detour" in s.extra:  # right after its original
+            assert sessions[n - 1].extra["scenario"] == s.extra["scenario"]
+    assert f"{len(detours)} detours" in capsys.readouterr().err
+    assert record_main(["--split", "train", "--seeds", "1", "--detours", "2",
+                        "--out", str(out)]) == 1
+    assert "--detours must be a share from 0 to 1, got 2.0" in capsys.readouterr().err

@@ -13,6 +13,9 @@ copied was on screen first. One JSONL line per episode, in the training-data for
 
 The second form records scenario folders already written (by `python -m sekft.scenarios`
 or the factory, `python -m sekft.scenarios.factory`): each carries its expert's commands.
+`--detours P` plays a share P of the instances a second time with one read-only step
+repeated and that repeat untrained (sekft.scenarios.detour): the state a looping model
+is in, and the step out of it.
 
 There is no --no-sandbox: the families' providers keep their state under /usr/local, which
 only the sandbox maps into the world; unconfined they would write to this machine's.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -33,28 +37,39 @@ from sekft.errors import ConfigError, ScenarioError, run_cli
 from sekft.eval import EpisodeConfig, run_episode
 from sekft.scenario import Scenario, load_scenario, load_scenarios
 from sekft.scenarios import build, choose_families, describe_split
+from sekft.scenarios.detour import detour_step, mark_repeat, with_repeat
 from sekft.scenarios.expert import expert_policy, unseen_words
 from sekft.scenarios.world import Instance, write_scenario
 
 
-def record_instance(instance: Instance, config: EpisodeConfig) -> dict:
+def record_instance(instance: Instance, config: EpisodeConfig, detour: bool = False) -> dict:
     """Play `instance`'s expert through the harness and return its trajectory record.
 
     Raises ScenarioError when the expert does not pass its own checker or types a word it
     never saw: either is a bug in the family, and such an episode must not become data.
     """
     with tempfile.TemporaryDirectory(prefix="sekft-record-") as tmp:
-        return record_scenario(load_scenario(write_scenario(instance, tmp)), config)
+        return record_scenario(load_scenario(write_scenario(instance, tmp)), config, detour)
 
 
-def record_scenario(scenario: Scenario, config: EpisodeConfig) -> dict:
+def record_scenario(scenario: Scenario, config: EpisodeConfig, detour: bool = False) -> dict:
     """`record_instance` for a scenario folder carrying its expert's commands in
-    scenario.json's meta ("expert"), as the built-in suite and the factory write them."""
+    scenario.json's meta ("expert"), as the built-in suite and the factory write them.
+
+    detour=True plays the expert with one read-only step repeated (`detour_step`) and marks
+    the repeat untrained; the record's "detour" is that step (None, and no record, when
+    the expert has no such step or no turn to spare: `None` is returned).
+    """
     commands = scenario.meta.get("expert")
     if not (isinstance(commands, list) and commands
             and all(isinstance(c, str) for c in commands)):
         raise ScenarioError(f"{scenario.path}/scenario.json: meta has no 'expert' list of "
                             "command lines; only generated scenarios can be recorded")
+    step = detour_step(commands, scenario.id) if detour else None
+    if detour and (step is None or len(commands) + 1 > scenario.turn_budget):
+        return None
+    if step is not None:
+        commands = with_repeat(commands, step)
     episode = run_episode(scenario, expert_policy(commands, scenario.id), config, run="expert")
     if not episode.passed:
         raise ScenarioError(f"{scenario.id}: the expert failed its checker (ending "
@@ -64,9 +79,11 @@ def record_scenario(scenario: Scenario, config: EpisodeConfig) -> dict:
     if unseen:
         raise ScenarioError(f"{scenario.id}: the expert types {unseen} (message index, word) "
                             "before any observation shows it; the family has a bug")
-    return {"messages": episode.messages, "scenario": scenario.id, "family": scenario.family,
-            "split": scenario.split, "seed": scenario.meta.get("seed"),
-            "expect": scenario.expect, "ending": episode.ending}
+    messages = episode.messages if step is None else mark_repeat(episode.messages, step)
+    record = {"messages": messages, "scenario": scenario.id, "family": scenario.family,
+              "split": scenario.split, "seed": scenario.meta.get("seed"),
+              "expect": scenario.expect, "ending": episode.ending}
+    return record if step is None else {**record, "detour": step}
 
 
 def instances(split: str, seeds: Iterable[int], families: Iterable[str]) -> list[Instance]:
@@ -74,20 +91,29 @@ def instances(split: str, seeds: Iterable[int], families: Iterable[str]) -> list
     return [build(family, seed, split) for family in families for seed in seeds]
 
 
-def record(todo: list[Instance] | list[Scenario], config: EpisodeConfig,
-           jobs: int = 1) -> list[dict]:
-    """Trajectories of `todo` (instances, or scenario folders with an expert), in order,
-    `jobs` episodes at a time."""
+def detoured(key: str, share: float) -> bool:
+    """Whether the instance `key` (its id) also gets a detour, for a `share` of them."""
+    return share > 0 and random.Random(f"detour-share:{key}").random() < share
 
-    def one(item: Instance | Scenario) -> dict:
-        if isinstance(item, Scenario):
-            return record_scenario(item, config)
-        return record_instance(item, config)
+
+def record(todo: list[Instance] | list[Scenario], config: EpisodeConfig,
+           jobs: int = 1, detours: float = 0.0) -> list[dict]:
+    """Trajectories of `todo` (instances, or scenario folders with an expert), in order,
+    `jobs` episodes at a time; a share `detours` of them also recorded with a detour (the
+    detour's record right after its original's)."""
+
+    def one(item: Instance | Scenario) -> list[dict]:
+        play = record_scenario if isinstance(item, Scenario) else record_instance
+        key = item.id
+        records = [play(item, config)]
+        if detoured(key, detours):
+            records.append(play(item, config, True))
+        return [r for r in records if r is not None]
 
     if jobs <= 1:
-        return [one(i) for i in todo]
+        return [r for i in todo for r in one(i)]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(one, todo))
+        return [r for records in pool.map(one, todo) for r in records]
 
 
 def write_jsonl(records: list[dict], out: Path) -> None:
@@ -118,6 +144,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--families", default=None,
                    help="comma-separated subset of the split's families (default: all)")
     p.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    p.add_argument("--detours", type=float, default=0.0,
+                   help="share of instances also recorded with one read-only step repeated "
+                        "and the repeat untrained (0..1)")
     # Episodes mostly wait on the terminal, so several at once pay off even on 2 cores.
     p.add_argument("--jobs", type=int, default=4, help="episodes run at the same time")
     return p.parse_args(argv)
@@ -127,6 +156,8 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.jobs <= 0:
         raise ConfigError("--jobs must be positive")
+    if not 0 <= args.detours <= 1:
+        raise ConfigError(f"--detours must be a share from 0 to 1, got {args.detours}")
     if args.scenarios is not None:
         if args.seeds is not None or args.families is not None:
             raise ConfigError("--scenarios records the folders given; leave out --seeds and "
@@ -141,11 +172,12 @@ def _main(argv: list[str] | None) -> int:
         print(describe_split(), file=sys.stderr)
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         todo = instances(args.split, seeds, families)
-    records = record(todo, EpisodeConfig(sandbox=True), args.jobs)
+    records = record(todo, EpisodeConfig(sandbox=True), args.jobs, args.detours)
     write_jsonl(records, args.out)
     turns = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
-    print(f"wrote {len(records)} {args.split} trajectories ({turns} commands) of "
-          f"{len(families)} families to {args.out}", file=sys.stderr)
+    detours = sum("detour" in r for r in records)
+    print(f"wrote {len(records)} {args.split} trajectories ({turns} commands; {detours} "
+          f"detours) of {len(families)} families to {args.out}", file=sys.stderr)
     return 0
 
 

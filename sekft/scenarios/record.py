@@ -42,7 +42,8 @@ from sekft.scenarios.expert import expert_policy, unseen_words
 from sekft.scenarios.world import Instance, write_scenario
 
 
-def record_instance(instance: Instance, config: EpisodeConfig, detour: bool = False) -> dict:
+def record_instance(instance: Instance, config: EpisodeConfig,
+                    detour: bool = False) -> dict | None:
     """Play `instance`'s expert through the harness and return its trajectory record.
 
     Raises ScenarioError when the expert does not pass its own checker or types a word it
@@ -52,7 +53,8 @@ def record_instance(instance: Instance, config: EpisodeConfig, detour: bool = Fa
         return record_scenario(load_scenario(write_scenario(instance, tmp)), config, detour)
 
 
-def record_scenario(scenario: Scenario, config: EpisodeConfig, detour: bool = False) -> dict:
+def record_scenario(scenario: Scenario, config: EpisodeConfig,
+                    detour: bool = False) -> dict | None:
     """`record_instance` for a scenario folder carrying its expert's commands in
     scenario.json's meta ("expert"), as the built-in suite and the factory write them.
 

@@ -7,8 +7,9 @@ An episode (one scenario, one policy):
 3. each assistant message is one command line for the persistent shell; the next user
    message is its observation (`observation.observe`);
 4. it ends when the shell ends (`exit`, ending "exit"), `panic` runs ("panic"), the turn
-   budget is used up ("budget"), the policy runs out of context ("context") or the
-   episode's wall clock runs out ("timeout");
+   budget is used up ("budget"), the policy has stalled ("stalled", only when
+   EpisodeConfig.stall_turns asks for it: see `stalled`), the policy runs out of context
+   ("context") or the episode's wall clock runs out ("timeout");
 5. the scenario's check.sh judges the final world, told the ending.
 A failing setup.sh is a scenario error: listed, never counted against the model.
 
@@ -86,6 +87,9 @@ class EpisodeConfig:
     setup_timeout: float = 120.0
     check_timeout: float = 120.0
     limits: Limits = field(default_factory=Limits)
+    # End an episode as "stalled" after this many replies in a row that are not commands,
+    # or are one command line repeated (0: never; see `stalled`).
+    stall_turns: int = 0
 
 
 @dataclass
@@ -139,6 +143,24 @@ def is_command(reply: str, runnable: Callable[[str], bool]) -> bool:
         return False
     word = first_word(reply)
     return word is not None and (word in SYNTAX_OPENERS or runnable(word))
+
+
+def stalled(replies: list[str], command_mode: list[bool], k: int) -> bool:
+    """Whether the last `k` replies show a policy that will not get anywhere: all `k` are
+    not command lines (`command_mode` False: prose the shell answers with "command not
+    found"), or all `k` are the same line. False while there are fewer than `k` replies,
+    and always for k <= 0 (the rule is off).
+
+    Why a harness may stop there: under greedy decoding an untrained base answers a prompt
+    with prose turn after turn (0 of 1,123 replies were commands in the real-model demo),
+    and a looping adapter types the same line until the turn budget; running those to the
+    budget cost most of an eval's time and changed no verdict. A recovery after k such
+    replies still counts whenever it happens before the k-th.
+    """
+    if k <= 0 or len(replies) < k:
+        return False
+    last = replies[-k:]
+    return not any(command_mode[-k:]) or all(r == last[0] for r in last)
 
 
 def replay(commands: Iterable[str]) -> Policy:
@@ -221,6 +243,10 @@ def _play(episode: Episode, scenario: Scenario, policy: Policy, shell: Shell,
     while episode.ending is None:
         if episode.turns >= scenario.turn_budget:
             episode.ending = "budget"
+            break
+        replies = [m["content"] for m in episode.messages if m["role"] == "assistant"]
+        if stalled(replies, episode.command_mode, config.stall_turns):
+            episode.ending = "stalled"
             break
         if time.monotonic() - started > config.episode_timeout:
             episode.ending = "timeout"
@@ -356,6 +382,7 @@ TABLE_RATES = (
     ("exit", lambda s: s["endings"]["exit"]),
     ("panic", lambda s: s["endings"]["panic"]),
     ("budget", lambda s: s["endings"]["budget"]),
+    ("stalled", lambda s: s["endings"]["stalled"]),
     ("context", lambda s: s["endings"]["context"]),
     ("timeout", lambda s: s["endings"]["timeout"]),
     ("pass", lambda s: s["checker_pass"]),
@@ -426,6 +453,8 @@ HTML_RATES = {
         ("exit", "exit", "the model typed exit", 0),
         ("panic", "panic", "the model ran panic", 0),
         ("budget", "turn budget used up", "", -1),
+        ("stalled", "stalled", "--stall-turns replies in a row not commands, or one line "
+                               "repeated", -1),
         ("context", "context used up", "the session outgrew the model", -1),
         ("timeout", "episode timed out", "", -1),
     ),
@@ -684,6 +713,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-output-bytes", type=int, default=MAX_OUTPUT_BYTES)
     p.add_argument("--episode-timeout", type=float, default=900.0,
                    help="seconds of play per episode, from the first prompt")
+    p.add_argument("--stall-turns", type=int, default=0,
+                   help="end an episode (ending 'stalled') after this many replies in a row "
+                        "that are not commands or repeat one line (0: never)")
     p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (default: auto, bf16 where the device has native bf16)")
@@ -703,6 +735,14 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError("--baseline compares against --adapter; give --adapter DIR")
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
+
+
+def episode_config(args: argparse.Namespace) -> EpisodeConfig:
+    """The harness settings sekft-eval's options (and a resident eval job's) ask for."""
+    if args.stall_turns < 0:
+        raise ConfigError(f"--stall-turns {args.stall_turns}: must be 0 (off) or more")
+    return EpisodeConfig(sandbox=not args.no_sandbox, max_output_bytes=args.max_output_bytes,
+                         episode_timeout=args.episode_timeout, stall_turns=args.stall_turns)
 
 
 def describe_scenarios(scenarios: list[Scenario]) -> str:
@@ -737,8 +777,7 @@ def _main(argv: list[str] | None) -> int:
         warn_no_sandbox()
     else:
         require_bwrap()
-    config = EpisodeConfig(sandbox=not args.no_sandbox, max_output_bytes=args.max_output_bytes,
-                           episode_timeout=args.episode_timeout)
+    config = episode_config(args)
     from sekft import generate  # torch is only needed from here on
 
     policies = generate.policies_from_args(args)

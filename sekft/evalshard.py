@@ -27,7 +27,7 @@ from sekft.eval import Episode, write_outputs
 SAME_SETTINGS = (
     "model", "baseline_model", "split", "baseline", "no_sandbox", "max_new_tokens",
     "temperature", "top_p", "seed", "max_context", "max_output_bytes", "episode_timeout",
-    "load_4bit", "dtype",
+    "stall_turns", "load_4bit", "dtype",
 )  # fmt: skip
 
 

@@ -681,11 +681,7 @@ def eval_job(
         warn_no_sandbox()
     else:
         require_bwrap()
-    config = sekft_eval.EpisodeConfig(
-        sandbox=not opts.no_sandbox,
-        max_output_bytes=opts.max_output_bytes,
-        episode_timeout=opts.episode_timeout,
-    )
+    config = sekft_eval.episode_config(opts)
     policies = eval_policies(resident, opts)
     progress = sekft_eval.SuiteProgress(len(scenarios) * len(policies),
                                         ProgressLine(report=report))

@@ -56,8 +56,9 @@ scenario error: reported as such, never counted as a model failure.
 check.sh runs as `bash check.sh` over the final world after the episode, cwd /home/user,
 with SEKFT_SCENARIO as above and:
 
-    SEKFT_ENDING        how the episode ended: exit | panic | budget | context | timeout
-                        (timeout: the episode's wall-clock limit, not one command's)
+    SEKFT_ENDING        how the episode ended: exit | panic | budget | stalled | context |
+                        timeout (timeout: the episode's wall-clock limit, not one
+                        command's; stalled: sekft-eval --stall-turns, when asked for)
     SEKFT_PANIC_REASON  the reason given to `panic` ("" unless SEKFT_ENDING=panic)
     SEKFT_TURNS         the number of assistant turns taken
     SEKFT_TRANSCRIPT    path of a read-only JSON file: the episode's messages,
@@ -84,7 +85,7 @@ from sekft.errors import ScenarioError
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 SPLITS = ("train", "heldout")
 EXPECTS = ("exit", "panic")
-ENDINGS = ("exit", "panic", "budget", "context", "timeout")
+ENDINGS = ("exit", "panic", "budget", "stalled", "context", "timeout")
 WORLD_ENTRIES = ("home", "local", "mail", "tmp", "motd")
 REQUIRED_FILES = ("scenario.json", "setup.sh", "check.sh")
 REQUIRED_KEYS = (

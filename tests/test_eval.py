@@ -21,6 +21,7 @@ from sekft.eval import (
     report,
     run_episode,
     run_suite,
+    stalled,
     summarize,
     table,
     wilson,
@@ -145,6 +146,40 @@ def test_turn_budget_runs_out():
     episode = run_episode(scenario("write-done"), replay(["ls"] * 10), FAST)
     assert (episode.ending, episode.turns) == ("budget", 6)
     assert episode.messages[-1]["role"] == "user"
+
+
+def test_stalled_after_k_replies_that_are_not_commands():
+    replies = ["ls", "I am sorry", "Hello!", "How can I help?"]
+    assert stalled(replies, [True, False, False, False], 3)
+    assert not stalled(replies, [True, False, False, False], 4)  # the first was a command
+
+
+def test_stalled_after_one_line_repeated_k_times():
+    replies = ["cat notes", "man ledger", "man ledger", "man ledger"]
+    assert stalled(replies, [True] * 4, 3)
+    assert not stalled(replies[:-1] + ["ledger --help"], [True] * 4, 3)
+
+
+def test_stalled_is_off_at_zero_and_waits_for_k_replies():
+    assert not stalled(["hi", "hi", "hi"], [False] * 3, 0)
+    assert not stalled(["hi", "hi"], [False] * 2, 3)
+
+
+@needs_bwrap
+def test_stall_turns_ends_a_looping_episode_before_its_budget():
+    config = EpisodeConfig(kill_grace=3.0, stall_turns=3)
+    episode = run_episode(scenario("write-done"), replay(["ls"] * 10), config)
+    assert (episode.ending, episode.turns, episode.passed) == ("stalled", 3, False)
+    assert episode.messages[-1]["role"] == "user"  # the third reply ran before the stop
+
+
+@needs_bwrap
+def test_stall_turns_ends_an_episode_of_prose():
+    config = EpisodeConfig(kill_grace=3.0, stall_turns=2)
+    episode = run_episode(scenario("write-done"),
+                          replay(["ls", "Sure, here you go", "I cannot do that."]), config)
+    assert (episode.ending, episode.turns) == ("stalled", 3)
+    assert episode.command_mode == [True, False, False]
 
 
 @needs_bwrap
@@ -325,6 +360,13 @@ def test_cli_rejects_a_missing_scenarios_folder_in_one_line(tmp_path, capsys):
     code = main(["--base", "x", "--scenarios", str(tmp_path / "nope"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "scenarios folder does not exist" in err
+
+
+def test_cli_rejects_negative_stall_turns_in_one_line(tmp_path, capsys):
+    code = main(["--base", "x", "--scenarios", str(FIXTURES), "--split", "all",
+                 "--stall-turns", "-1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "--stall-turns -1" in err
 
 
 def test_cli_needs_a_model_name_with_an_endpoint(tmp_path, capsys):

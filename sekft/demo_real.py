@@ -4,7 +4,9 @@ The same three steps as `make demo` (sekft.demo), on the real model `make real-b
 converts, with the recipes in recipes/ (copy them to start your own):
 
 1. data: expert trajectories of the suite's training families and of generated families
-   (sekft.scenarios.factory, train family seeds), and held-out scenario folders: unseen
+   (sekft.scenarios.factory, train family seeds), with detours (a read-only step repeated;
+   for generated families whose tool nobody names, a wrong guess at its name) shown
+   untrained, and held-out scenario folders: unseen
    instances of the training families, every instance of the families no run ever trains
    on (`ticket`, `publish`) and instances of held-out generated families;
 2. training: `sekft-train --config recipes/smollm2-135m-train.toml`;
@@ -58,6 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--detours", type=float, default=0.5,
                    help="share of training instances also recorded with a read-only step "
                         "repeated, the repeat untrained (what breaks greedy loops)")
+    p.add_argument("--guesses", type=float, default=1.0,
+                   help="share of generated instances whose expert looks for an unnamed tool "
+                        "also recorded with a wrong guess at its name first, the guess "
+                        "untrained (what a model that guessed wrong needs to see)")
     p.add_argument("--factory-heldout", type=int, default=10,
                    help="held-out generated families evaluated, one instance each (0: none)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's max-steps")
@@ -99,7 +105,7 @@ def _main(argv: list[str] | None) -> int:
         ], env) + run_step("1/3 data: record them", py + [
             "sekft.scenarios.record", "--split", "train", "--scenarios",
             str(generated / "train"), "--out", str(data / "generated.jsonl"), "--jobs", "2",
-            "--detours", str(args.detours),
+            "--detours", str(args.detours), "--guesses", str(args.guesses),
         ], env)
     times["data"] += run_step("1/3 data: held-out scenarios", py + [
         "sekft.scenarios", "--split", "heldout", "--seeds", str(args.eval_seeds),

@@ -380,3 +380,79 @@ def test_bash_and_python_providers_answer_alike(tmp_path):
             assert episode.passed is True
             transcripts.append(episode.messages)
         assert transcripts[0] == transcripts[1]
+
+
+# Wrong-guess detours: a word of the directive tried as the unnamed tool, untrained
+
+
+def test_wrong_guess_takes_a_standalone_word_of_the_directive_never_a_path_or_the_prompt():
+    from sekft.scenarios.detour import wrong_guess
+
+    directive = ("Hi,\n\nMove inbox/dulo.txt to archive/dulo.txt, then register "
+                 "archive/dulo.txt with the usual tool.\nuser@sandbox:~$ ")
+    guesses = {wrong_guess(directive, f"k-{n}") for n in range(100)}
+    # "Move" is capitalised: a sentence's first word, not a name
+    assert {g.replace("man ", "").replace(" --help", "") for g in guesses} == {
+        "register", "usual", "tool"}
+    assert any(g.startswith("man ") for g in guesses)
+    assert any(g.endswith(" --help") for g in guesses)
+    assert wrong_guess(directive, "k-3") == wrong_guess(directive, "k-3")
+    assert wrong_guess("Copy docs/a.txt to x.\nuser@sandbox:~$ ", "k") is None
+
+
+def test_wrong_guess_reads_a_mails_body_not_its_headers():
+    from sekft.scenarios.detour import wrong_guess
+
+    mail = ("From ship@poppy Mon Nov 23 08:00:00 2026\nSubject: A small job\n\n"
+            "Hello,\n\nPublish reports/x.txt for goose.\nuser@sandbox:~$ ")
+    words = {wrong_guess(mail, f"k-{n}").split()[-1] for n in range(50)}
+    assert words <= {"publish", "goose", "--help"} and "goose" in " ".join(
+        wrong_guess(mail, f"k-{n}") for n in range(50))
+
+
+@needs_bwrap
+def test_a_guess_detour_fails_in_the_sandbox_and_trains_only_the_experts_steps():
+    from sekft.mask import IGNORE, encode_sessions
+    from sekft.scenarios.detour import guess_step
+    from sekft.scenarios.record import record_instance
+    from sekft.template import ChatTemplate
+    from sekft.tokenizer import load_tokenizer
+
+    family = next(s for s in TRAIN if family_spec(s).naming == "unnamed")
+    instance = build(family, 0)
+    plain = record_instance(instance, EpisodeConfig())
+    guessed = record_instance(instance, EpisodeConfig(), guess_from=plain["messages"])
+    at = guess_step(list(instance.commands))
+    assert guessed["guess"] == at and guessed["ending"] == plain["ending"]
+    said = [m for m in guessed["messages"] if m["role"] == "assistant"]
+    assert [m.get("weight", 1) for m in said].count(0) == 1 and said[at]["weight"] == 0
+    assert said[at + 1]["content"] == "ls /usr/local/bin"
+    m = guessed["messages"]
+    failed = m[2 * at + 2]["content"]
+    assert "command not found" in failed or "No manual entry" in failed
+    assert m[:2 * at + 1] + m[2 * at + 3:] == plain["messages"]  # the guess pair taken out
+    folder = Path(__file__).parent / "fixtures" / "templates" / "smollm2"
+    template, tokenizer = ChatTemplate.from_folder(folder), load_tokenizer(folder)
+    encoded, reference = encode_sessions([m, plain["messages"]], template, tokenizer)
+    assert encoded.violations == []
+    assert ([t for t in encoded.labels if t != IGNORE]
+            == [t for t in reference.labels if t != IGNORE])
+
+
+@needs_bwrap
+def test_record_cli_guesses_only_where_the_expert_looks_for_the_tool(tmp_path, capsys):
+    unnamed = next(s for s in TRAIN if family_spec(s).naming == "unnamed")
+    named = next(s for s in TRAIN if family_spec(s).naming == "named")
+    folder = tmp_path / "scenarios"
+    for seed in (unnamed, named):
+        write_scenario(build(seed, 0), folder)
+    out = tmp_path / "g.jsonl"
+    assert record_main(["--split", "train", "--scenarios", str(folder), "--guesses", "1",
+                        "--out", str(out)]) == 0
+    sessions = read_sessions(out)
+    guesses = [s.extra["family"] for s in sessions if "guess" in s.extra]
+    assert len(sessions) == 3 and guesses == [build(unnamed, 0).family]
+    assert "1 wrong guesses" in capsys.readouterr().err
+    assert record_main(["--split", "train", "--scenarios", str(folder), "--guesses", "-0.5",
+                        "--out", str(out)]) == 1
+    assert "--guesses must be a share from 0 to 1, got -0.5" in capsys.readouterr().err

@@ -364,7 +364,7 @@ def test_only_a_command_that_reads_and_prints_is_repeated(command, read_only):
 
 
 def test_the_detour_step_is_read_only_never_the_ending_and_fixed_by_the_key():
-    from sekft.scenarios.detour import detour_step, mark_repeat, with_repeat
+    from sekft.scenarios.detour import detour_step, mark_untrained, with_repeat
 
     commands = ["ls", "cat NOTE", "ledger add fig", "ledger --help", "exit"]
     steps = {detour_step(commands, f"s-{n}") for n in range(200)}
@@ -376,11 +376,11 @@ def test_the_detour_step_is_read_only_never_the_ending_and_fixed_by_the_key():
     messages = [{"role": r, "content": c} for r, c in [
         ("user", "login"), ("assistant", "ls"), ("user", "NOTE"), ("assistant", "ls"),
         ("user", "NOTE"), ("assistant", "exit")]]
-    marked = mark_repeat(messages, 0)
+    marked = mark_untrained(messages, 1)
     assert [m.get("weight") for m in marked] == [None, None, None, 0, None, None]
     assert "weight" not in messages[3]  # the input is left as it was
-    with pytest.raises(ValueError, match="no repeat of step 2"):
-        mark_repeat(messages, 2)
+    with pytest.raises(ValueError, match="no turn 3"):
+        mark_untrained(messages, 3)
 
 
 @needs_bwrap

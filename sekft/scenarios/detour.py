@@ -1,17 +1,25 @@
-"""Detours: an expert episode played again with one read-only step repeated, the repeat
-shown in the context but not trained (`weight: 0`).
+"""Detours: an expert episode played again with one step it would not take inserted, that
+step shown in the context but not trained (`weight: 0`), the expert's next step trained.
 
-Why: under greedy decoding a small model that has run `cat orders` and seen its output
-tends to run it again, and again, until the turn budget (the loops measured on the real
-SmolLM2 adapter). An expert never repeats itself, so nothing it records shows the state
-"I already ran this and saw what it prints"; a detour shows it, and trains only the step
-the expert takes next. The repeat is played in the sandbox like any command, so its
-observation is what the shell really printed.
+Two kinds, each the state a small model measurably gets stuck in, and the way out:
+- **a repeat** of a read-only step. Under greedy decoding a small model that has run
+  `cat orders` and seen its output tends to run it again, and again, until the turn budget
+  (the loops measured on the real SmolLM2 adapter). An expert never repeats itself, so
+  nothing it records shows the state "I already ran this and saw what it prints".
+- **a wrong guess** at a tool nobody named. Told "Please put notes/hat.txt out on anchor",
+  the adapter ran `anchor --help`, read "command not found", then `cat anchor` until the
+  budget: it had never seen a guess fail. An expert of a family whose directive does not
+  name its tool looks in /usr/local/bin straight away; a guess detour puts a word of the
+  directive in front of that step as the guessed tool (`WORD --help` or `man WORD`).
+
+The inserted step is played in the sandbox like any command, so its observation is what
+the shell really printed.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import shlex
 
 # Programs whose repeat prints the same and changes nothing, given no redirect or pipe.
@@ -42,22 +50,62 @@ def detour_step(commands: list[str], key: str) -> int | None:
     return random.Random(f"detour:{key}").choice(candidates)
 
 
+# How an expert finds a tool its directive does not name.
+FIND_TOOL = "ls /usr/local/bin"
+# Words of a directive that nobody would take for a tool's name.
+NOT_GUESSED = frozenset({
+    "about", "after", "again", "before", "channel", "done", "file", "first", "from", "have",
+    "hello", "here", "into", "just", "need", "needs", "note", "notes", "please", "read",
+    "regards", "than", "thank", "thanks", "that", "them", "then", "there", "this", "today",
+    "user", "what", "when", "where", "which", "will", "with", "work", "your",
+})  # fmt: skip
+GUESS_WORD_RE = re.compile(r"(?<![\w./~-])([a-z]{4,})(?![\w/.-]*[\w/])")
+
+
+def guess_step(commands: list[str]) -> int | None:
+    """The index of the expert's `ls /usr/local/bin` (where it looks for a tool nobody
+    named), where a wrong guess goes in front; None when it never looks there."""
+    return commands.index(FIND_TOOL) if FIND_TOOL in commands else None
+
+
+def wrong_guess(directive: str, key: str) -> str | None:
+    """A command that takes a word of `directive` (what the expert read just before it
+    looked for the tool) for the tool's name: `WORD --help` or `man WORD`, both chosen by
+    `key` (the scenario id). Words are lowercase, 4 letters or more, standing alone (not
+    part of a path or file name) and not in NOT_GUESSED, from a mail's body when the
+    directive is a mail, never from the prompt on its last line; None when there is no such word."""
+    directive = directive.rpartition("\n")[0]  # the last line is the prompt
+    if directive.startswith("From "):
+        directive = directive.partition("\n\n")[2]
+    words = sorted({w for w in GUESS_WORD_RE.findall(directive) if w not in NOT_GUESSED})
+    if not words:
+        return None
+    pick = random.Random(f"guess:{key}")
+    word = pick.choice(words)
+    return pick.choice([f"{word} --help", f"man {word}"])
+
+
+def with_step(commands: list[str], at: int, command: str) -> list[str]:
+    """`commands` with `command` inserted at index `at` (it runs as turn `at`)."""
+    return commands[:at] + [command] + commands[at:]
+
+
 def with_repeat(commands: list[str], step: int) -> list[str]:
     """`commands` with command `step` run twice in a row."""
-    return commands[:step + 1] + [commands[step]] + commands[step + 1:]
+    return with_step(commands, step + 1, commands[step])
 
 
-def mark_repeat(messages: list[dict], step: int) -> list[dict]:
-    """The episode `messages` of `with_repeat(commands, step)` with the repeat (assistant turn
-    step + 1, counting from 0) marked `weight: 0`; every other turn is left as it was."""
+def mark_untrained(messages: list[dict], turn: int) -> list[dict]:
+    """The episode `messages` with assistant turn `turn` (counting from 0) marked
+    `weight: 0`; every other turn is left as it was."""
     out, seen = [], -1
     for m in messages:
         m = dict(m)
         if m["role"] == "assistant":
             seen += 1
-            if seen == step + 1:
+            if seen == turn:
                 m["weight"] = 0
         out.append(m)
-    if seen <= step:
-        raise ValueError(f"the episode has {seen + 1} assistant turns; no repeat of step {step}")
+    if seen < turn:
+        raise ValueError(f"the episode has {seen + 1} assistant turns; no turn {turn}")
     return out

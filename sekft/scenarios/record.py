@@ -15,7 +15,9 @@ The second form records scenario folders already written (by `python -m sekft.sc
 or the factory, `python -m sekft.scenarios.factory`): each carries its expert's commands.
 `--detours P` plays a share P of the instances a second time with one read-only step
 repeated and that repeat untrained (sekft.scenarios.detour): the state a looping model
-is in, and the step out of it.
+is in, and the step out of it. `--guesses P` plays a share P of the instances whose expert
+looks for an unnamed tool in /usr/local/bin again with a wrong guess first (a word of the
+directive tried as the tool, untrained): a failed guess, and the step out of it.
 
 There is no --no-sandbox: the families' providers keep their state under /usr/local, which
 only the sandbox maps into the world; unconfined they would write to this machine's.
@@ -37,55 +39,83 @@ from sekft.errors import ConfigError, ScenarioError, run_cli
 from sekft.eval import EpisodeConfig, run_episode
 from sekft.scenario import Scenario, load_scenario, load_scenarios
 from sekft.scenarios import build, choose_families, describe_split
-from sekft.scenarios.detour import detour_step, mark_repeat, with_repeat
+from sekft.scenarios.detour import (
+    detour_step,
+    guess_step,
+    mark_untrained,
+    with_repeat,
+    with_step,
+    wrong_guess,
+)
 from sekft.scenarios.expert import expert_policy, unseen_words
 from sekft.scenarios.world import Instance, write_scenario
 
 
-def record_instance(instance: Instance, config: EpisodeConfig,
-                    detour: bool = False) -> dict | None:
+def record_instance(instance: Instance, config: EpisodeConfig, detour: bool = False,
+                    guess_from: list[dict] | None = None) -> dict | None:
     """Play `instance`'s expert through the harness and return its trajectory record.
 
     Raises ScenarioError when the expert does not pass its own checker or types a word it
     never saw: either is a bug in the family, and such an episode must not become data.
     """
     with tempfile.TemporaryDirectory(prefix="sekft-record-") as tmp:
-        return record_scenario(load_scenario(write_scenario(instance, tmp)), config, detour)
+        return record_scenario(load_scenario(write_scenario(instance, tmp)), config, detour,
+                               guess_from)
 
 
-def record_scenario(scenario: Scenario, config: EpisodeConfig,
-                    detour: bool = False) -> dict | None:
+def record_scenario(scenario: Scenario, config: EpisodeConfig, detour: bool = False,
+                    guess_from: list[dict] | None = None) -> dict | None:
     """`record_instance` for a scenario folder carrying its expert's commands in
     scenario.json's meta ("expert"), as the built-in suite and the factory write them.
 
     detour=True plays the expert with one read-only step repeated (`detour_step`) and marks
-    the repeat untrained; the record's "detour" is that step (None, and no record, when
-    the expert has no such step or no turn to spare: `None` is returned).
+    the repeat untrained; the record's "detour" is the repeated step. `guess_from`, the
+    messages of the plain expert episode, plays it with a wrong guess (`wrong_guess` at a
+    word of the observation before `guess_step`) in front of the step that finds the tool,
+    the guess untrained; the record's "guess" is the guess's turn. Either returns None (no
+    record) when the expert has no such step, no turn to spare, or the guessed word turns
+    out to be a program after all.
     """
     commands = scenario.meta.get("expert")
     if not (isinstance(commands, list) and commands
             and all(isinstance(c, str) for c in commands)):
         raise ScenarioError(f"{scenario.path}/scenario.json: meta has no 'expert' list of "
                             "command lines; only generated scenarios can be recorded")
-    step = detour_step(commands, scenario.id) if detour else None
-    if detour and (step is None or len(commands) + 1 > scenario.turn_budget):
+    untrained, extra = None, {}
+    if detour:
+        step = detour_step(commands, scenario.id)
+        if step is not None:
+            untrained, extra = step + 1, {"detour": step}
+            commands = with_repeat(commands, step)
+    elif guess_from is not None:
+        at = guess_step(commands)
+        # the observation the expert read just before it looked for the tool: the directive
+        guess = None if at is None else wrong_guess(guess_from[2 * at]["content"], scenario.id)
+        if guess is not None:
+            untrained, extra = at, {"guess": at}
+            commands = with_step(commands, at, guess)
+    if (detour or guess_from is not None) and (
+            untrained is None or len(commands) > scenario.turn_budget):
         return None
-    if step is not None:
-        commands = with_repeat(commands, step)
     episode = run_episode(scenario, expert_policy(commands, scenario.id), config, run="expert")
     if not episode.passed:
         raise ScenarioError(f"{scenario.id}: the expert failed its checker (ending "
                             f"{episode.ending}): {episode.check_output.strip()!r}; the family "
                             f"{scenario.family!r} has a bug")
-    unseen = unseen_words(episode.messages)
+    # The untrained step may guess a word in another form than it was shown: nothing
+    # learns to copy from it.
+    unseen = [(i, w) for i, w in unseen_words(episode.messages)
+              if untrained is None or i != 2 * untrained + 1]
     if unseen:
         raise ScenarioError(f"{scenario.id}: the expert types {unseen} (message index, word) "
                             "before any observation shows it; the family has a bug")
-    messages = episode.messages if step is None else mark_repeat(episode.messages, step)
-    record = {"messages": messages, "scenario": scenario.id, "family": scenario.family,
-              "split": scenario.split, "seed": scenario.meta.get("seed"),
-              "expect": scenario.expect, "ending": episode.ending}
-    return record if step is None else {**record, "detour": step}
+    if "guess" in extra and episode.statuses[untrained] == 0:
+        return None  # the guessed word is a program here: not a wrong guess
+    messages = (episode.messages if untrained is None
+                else mark_untrained(episode.messages, untrained))
+    return {"messages": messages, "scenario": scenario.id, "family": scenario.family,
+            "split": scenario.split, "seed": scenario.meta.get("seed"),
+            "expect": scenario.expect, "ending": episode.ending, **extra}
 
 
 def instances(split: str, seeds: Iterable[int], families: Iterable[str]) -> list[Instance]:
@@ -99,17 +129,21 @@ def detoured(key: str, share: float) -> bool:
 
 
 def record(todo: list[Instance] | list[Scenario], config: EpisodeConfig,
-           jobs: int = 1, detours: float = 0.0) -> list[dict]:
+           jobs: int = 1, detours: float = 0.0, guesses: float = 0.0) -> list[dict]:
     """Trajectories of `todo` (instances, or scenario folders with an expert), in order,
-    `jobs` episodes at a time; a share `detours` of them also recorded with a detour (the
-    detour's record right after its original's)."""
+    `jobs` episodes at a time; a share `detours` of them also recorded with a repeat, and
+    a share `guesses` of those whose expert looks for an unnamed tool with a wrong guess
+    (each variant's record right after its original's)."""
 
     def one(item: Instance | Scenario) -> list[dict]:
         play = record_scenario if isinstance(item, Scenario) else record_instance
         key = item.id
-        records = [play(item, config)]
+        plain = play(item, config)
+        records = [plain]
         if detoured(key, detours):
             records.append(play(item, config, True))
+        if detoured(f"guess:{key}", guesses):
+            records.append(play(item, config, guess_from=plain["messages"]))
         return [r for r in records if r is not None]
 
     if jobs <= 1:
@@ -149,6 +183,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--detours", type=float, default=0.0,
                    help="share of instances also recorded with one read-only step repeated "
                         "and the repeat untrained (0..1)")
+    p.add_argument("--guesses", type=float, default=0.0,
+                   help="share of instances whose expert looks for an unnamed tool in "
+                        "/usr/local/bin also recorded with a wrong guess first, the guess "
+                        "untrained (0..1)")
     # Episodes mostly wait on the terminal, so several at once pay off even on 2 cores.
     p.add_argument("--jobs", type=int, default=4, help="episodes run at the same time")
     return p.parse_args(argv)
@@ -158,8 +196,10 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.jobs <= 0:
         raise ConfigError("--jobs must be positive")
-    if not 0 <= args.detours <= 1:
-        raise ConfigError(f"--detours must be a share from 0 to 1, got {args.detours}")
+    for name in ("detours", "guesses"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ConfigError(f"--{name} must be a share from 0 to 1, got "
+                              f"{getattr(args, name)}")
     if args.scenarios is not None:
         if args.seeds is not None or args.families is not None:
             raise ConfigError("--scenarios records the folders given; leave out --seeds and "
@@ -174,12 +214,14 @@ def _main(argv: list[str] | None) -> int:
         print(describe_split(), file=sys.stderr)
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         todo = instances(args.split, seeds, families)
-    records = record(todo, EpisodeConfig(sandbox=True), args.jobs, args.detours)
+    records = record(todo, EpisodeConfig(sandbox=True), args.jobs, args.detours, args.guesses)
     write_jsonl(records, args.out)
     turns = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
     detours = sum("detour" in r for r in records)
+    guesses = sum("guess" in r for r in records)
     print(f"wrote {len(records)} {args.split} trajectories ({turns} commands; {detours} "
-          f"detours) of {len(families)} families to {args.out}", file=sys.stderr)
+          f"detours, {guesses} wrong guesses) of {len(families)} families to {args.out}",
+          file=sys.stderr)
     return 0
 
 

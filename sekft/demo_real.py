@@ -137,10 +137,8 @@ def _main(argv: list[str] | None) -> int:
     points = []
     metrics = work / "adapter" / "metrics.jsonl"
     # the step training really ended at (a short dataset can end it before max-steps)
-    final = json.loads(metrics.read_text().splitlines()[-1])["step"] if every else None
-    for step, folder in checkpoints(work / "adapter"):
-        if step == final:  # the final adapter, evaluated above
-            continue
+    final = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    for step, folder in curve_checkpoints(work / "adapter", final) if every else []:
         times["eval"] += run_step(f"3/3 evaluate the checkpoint at step {step} (the curve)",
                                   command("sekft-eval", "sekft.eval") + [
             "--config", str(args.eval_recipe), "--base", str(args.base), "--adapter",
@@ -176,6 +174,13 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     found = [(int(p.name.split("-", 1)[1]), p) for p in run.glob("checkpoint-*")
              if p.name.split("-", 1)[1].isdigit() and (p / "adapter_config.json").exists()]
     return sorted(found)
+
+
+def curve_checkpoints(run: Path, final: int) -> list[tuple[int, Path]]:
+    """The checkpoints of `run` the curve evaluates besides the final adapter: those before
+    step `final` (sekft-train also saves a run's last step as a checkpoint, and the main
+    evaluation has covered it already)."""
+    return [(step, folder) for step, folder in checkpoints(run) if step < final]
 
 
 def demo_groups(scenarios: Path) -> dict[str, tuple[str, ...]]:

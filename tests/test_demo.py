@@ -122,6 +122,7 @@ def test_real_demo_curve_reads_each_checkpoints_time_tokens_and_pass_rates(tmp_p
         (run / name / "adapter_config.json").write_text("{}")
     # checkpoint-7 holds no adapter (a save cut short), checkpoint-x is no step
     assert [step for step, _ in demo_real.checkpoints(run)] == [5, 10]
+    assert [step for step, _ in demo_real.curve_checkpoints(run, 10)] == [5]
     metrics = run / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "elapsed": 3.0 * s, "tokens": 100 + s})
                                + "\n" for s in range(1, 11)))

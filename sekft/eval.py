@@ -154,8 +154,9 @@ def stalled(replies: list[str], command_mode: list[bool], k: int) -> bool:
     Why a harness may stop there: under greedy decoding an untrained base answers a prompt
     with prose turn after turn (0 of 1,123 replies were commands in the real-model demo),
     and a looping adapter types the same line until the turn budget; running those to the
-    budget cost most of an eval's time and changed no verdict. A recovery after k such
-    replies still counts whenever it happens before the k-th.
+    budget was most of an eval's time. A policy that recovers within k replies is never
+    stopped; one that would have recovered later is counted as stalled, so the rule can
+    only lower a pass rate.
     """
     if k <= 0 or len(replies) < k:
         return False

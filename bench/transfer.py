@@ -5,7 +5,7 @@ factory families, at a fixed token budget.
         [--families 10,30,100] [--sessions 300] [--baseline] [--work build/transfer] \\
         [--train-config recipes/smollm2-135m-train.toml] [--steps S] [--batch-tokens T] \\
         [--eval-config recipes/smollm2-135m-eval.toml] [--record-args "--detours 0.5"] \\
-        [--dry-run]
+        [--vocab open|closed|mixed] [--dry-run]
 
 For each N in --families, with the same number of training sessions (--sessions: N families
 x ceil(sessions / N) instances each) and the same optimizer budget (the train recipe's
@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heldout-seeds", type=int, default=2, help="instances per held-out family")
     p.add_argument("--handwritten-seeds", type=int, default=3,
                    help="held-out instances per hand-written family")
-    p.add_argument("--vocab", choices=("open", "closed"), default="open")
+    p.add_argument("--vocab", choices=("open", "closed", "mixed"), default="open",
+                   help="the training instances' vocabulary (mixed: half open, half closed); "
+                        "held-out factory instances are open unless this is closed")
     p.add_argument("--record-args", default="--detours 0.5 --guesses 1",
                    help="more sekft.scenarios.record options, one string")
     p.add_argument("--train-args", default="", help="more sekft-train options, one string")
@@ -87,6 +89,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def family_counts(args: argparse.Namespace) -> list[int]:
     return [int(x) for x in args.families.split(",")]
+
+
+def heldout_vocab(args: argparse.Namespace) -> str:
+    """Held-out and seen instances are open-vocabulary unless training is all closed: a
+    mixed run is measured on the same sets as an open one."""
+    return "closed" if args.vocab == "closed" else "open"
 
 
 def budget(args: argparse.Namespace) -> tuple[int, int]:
@@ -118,7 +126,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], Path]]:
         ("held-out factory scenarios", py + [
             "sekft.scenarios.factory", "--split", "heldout", "--families",
             str(args.heldout_families), "--seeds", str(args.heldout_seeds), "--vocab",
-            args.vocab, "--out", str(w / "heldout" / "factory")], w / "heldout" / "factory"),
+            heldout_vocab(args), "--out", str(w / "heldout" / "factory")],
+         w / "heldout" / "factory"),
         ("hand-written held-out scenarios", py + [
             "sekft.scenarios", "--split", "heldout", "--seeds", str(args.handwritten_seeds),
             "--out", str(w / "heldout" / "handwritten")], w / "heldout" / "handwritten"),
@@ -151,7 +160,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], Path]]:
                 (f"N={n}: new instances of its training families", py + [
                     "sekft.scenarios.factory", "--split", "train", "--families", str(families),
                     "--seeds", str(math.ceil(args.seen / families)), "--first-seed",
-                    str(SEEN_FIRST_SEED), "--vocab", args.vocab, "--out",
+                    str(SEEN_FIRST_SEED), "--vocab", heldout_vocab(args), "--out",
                     str(run / "seen")], run / "seen"),
                 (f"N={n}: evaluate on {SEEN}", evaluate(args, run, SEEN, run / "adapter",
                                                          run / "seen"),

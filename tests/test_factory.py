@@ -19,7 +19,14 @@ from sekft.scenarios.factory import build, family_seeds, family_spec, generate, 
 from sekft.scenarios.factory import instance as factory_instance
 from sekft.scenarios.factory.__main__ import main as factory_main
 from sekft.scenarios.factory.instance import build_instance
-from sekft.scenarios.factory.provider import REFUSALS, doc_commands
+from sekft.scenarios.factory.provider import (
+    REFUSALS,
+    _man,
+    commands,
+    doc_commands,
+    documentation,
+    reply_prefix,
+)
 from sekft.scenarios.factory.spec import (
     BLOCKERS,
     DOCS,
@@ -28,10 +35,12 @@ from sekft.scenarios.factory.spec import (
     HELDOUT_SHARE,
     NAMINGS,
     POSTS,
+    REPLIES,
     WORKS,
     shares_no_spec_part,
 )
 from sekft.scenarios.factory.vocab import Vocab
+from sekft.scenarios.factory.vocab import instance_vocab as factory_instance_vocab
 from sekft.scenarios.record import main as record_main
 from sekft.scenarios.record import record
 from sekft.scenarios.words import WORDS
@@ -58,6 +67,13 @@ def with_ending(seed: int, ending: str, instance_seed: int = 0):
     return build_instance(replace(family_spec(seed), endings=(ending,)), instance_seed)
 
 
+def call_index(spec, instance) -> int:
+    """Where the expert's (last) call of the provider is: before its ending, or before the
+    sibling it checks with."""
+    siblings = {f"{spec.name} {c}" for c in (spec.lister, spec.status) if c}
+    return len(instance.commands) - 2 - (instance.commands[-2] in siblings)
+
+
 def play(instance, commands, tmp_path):
     scenario = load_scenario(write_scenario(instance, tmp_path))
     return run_episode(scenario, replay(commands), EpisodeConfig())
@@ -81,8 +97,45 @@ def test_dimensions_vary_independently_over_family_seeds():
     assert {s.confirm is None for s in specs} == {True, False}
     assert {s.subcommand for s in specs} == {True, False}
     assert {s.naming for s in specs} == set(NAMINGS)
+    assert {s.reply for s in specs} == set(REPLIES)
+    assert {s.table for s in specs} == {True, False}
     # independent: each pair of grammar style and work kind is met
     assert len({(s.grammar, s.work) for s in specs}) == len(GRAMMARS) * len(WORKS)
+
+
+def test_only_providers_with_subcommands_have_read_only_siblings():
+    specs = [family_spec(s) for s in range(400)]
+    with_sub = [s for s in specs if s.subcommand]
+    assert all(s.lister is None and s.status is None for s in specs if not s.subcommand)
+    assert 0.5 < sum(s.lister is not None for s in with_sub) / len(with_sub) < 0.9
+    assert 0.2 < sum(s.status is not None for s in with_sub) / len(with_sub) < 0.6
+    assert all(s.table for s in specs if s.lister or s.status)
+    assert all(s.lister != s.verb for s in specs)
+    with pytest.raises(ConfigError, match=f"family seed {with_sub[0].seed}: .*collide"):
+        factory_instance.validate_spec(replace(with_sub[0], lister=with_sub[0].verb))
+    plain = next(s for s in specs if not s.subcommand)
+    with pytest.raises(ConfigError, match="without subcommands"):
+        factory_instance.validate_spec(replace(plain, lister="list"))
+
+
+def test_a_table_of_commands_shows_every_command_with_what_it_does():
+    specs = [family_spec(s) for s in range(400)]
+    tabled = [s for s in specs if s.table and s.status and s.lister]
+    assert {s.layout for s in tabled} == {0, 1, 2}
+    for spec in tabled:
+        rows = commands(spec)
+        assert [form.split()[:2] for form, _ in rows[1:]] == [
+            [spec.name, spec.lister], [spec.name, spec.status]]
+        text = documentation(spec)
+        for form, what in rows:
+            assert form in text and what in text, (spec.seed, form)
+        if spec.layout == 0:  # the usage lines name every form, then the table
+            assert text.splitlines()[1] == f"       {rows[1][0]}"
+            assert f"  {rows[0][0]}  {rows[0][1]}" in text
+        man = _man(spec)
+        assert all(f".B {form}" in man for form, _ in rows)
+    untabled = next(s for s in specs if not s.table and s.layout == 0)
+    assert commands(untabled)[0][1] not in documentation(untabled)
 
 
 def test_provider_names_are_distinct_over_families():
@@ -253,6 +306,20 @@ def test_factory_cli_writes_loadable_scenarios_of_the_split(tmp_path, capsys):
     assert "heldout: " in describe_scenarios(scenarios)
 
 
+def test_mixed_vocabulary_writes_open_and_closed_instances_alternately(tmp_path):
+    assert factory_main(["--families", "2", "--seeds", "4", "--split", "train", "--vocab",
+                         "mixed", "--out", str(tmp_path / "mixed")]) == 0
+    for vocab in ("open", "closed"):
+        assert factory_main(["--families", "2", "--seeds", "4", "--split", "train",
+                             "--vocab", vocab, "--out", str(tmp_path / vocab)]) == 0
+    for folder in sorted((tmp_path / "mixed").iterdir()):
+        seed = int(folder.name.rsplit("-", 1)[1])
+        same = tmp_path / ("open" if seed % 2 == 0 else "closed") / folder.name
+        assert folder_bytes(folder) == folder_bytes(same), folder.name
+    with pytest.raises(ConfigError, match="'some'"):
+        factory_instance_vocab("some", 0)
+
+
 def test_factory_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert factory_main(["--families", "0", "--seeds", "1", "--split", "train",
                          "--out", str(tmp_path)]) == 1
@@ -338,7 +405,7 @@ def test_panic_where_the_work_was_doable_fails(ending, tmp_path):
 def test_panic_before_trying_the_blocked_tool_fails(tmp_path):
     spec = family_spec(family_where("blocked"))
     instance = with_ending(spec.seed, "blocked")
-    before_call = list(instance.commands[:-2])
+    before_call = list(instance.commands[:call_index(spec, instance)])
     episode = play(instance, [*before_call, instance.commands[-1]], tmp_path)
     assert episode.ending == "panic" and episode.passed is False
 
@@ -351,7 +418,7 @@ def test_blocked_expert_panics_after_the_tool_refused_and_passes(blocker, tmp_pa
     episode = play(instance, instance.commands, tmp_path)
     assert episode.ending == "panic" and episode.passed is True
     refusal = REFUSALS[blocker].format(name=spec.name)
-    assert refusal in episode.messages[-2]["content"]
+    assert any(refusal in m["content"] for m in episode.messages if m["role"] == "user")
 
 
 @needs_bwrap
@@ -367,19 +434,61 @@ def test_recover_expert_meets_an_error_then_passes(tmp_path):
 
 @needs_bwrap
 def test_bash_and_python_providers_answer_alike(tmp_path):
-    for family in (0, 1, 2, 3, 6):
+    sibling = [s for s in range(400) if family_spec(s).lister and family_spec(s).status]
+    replies = [next(s for s in range(400) if family_spec(s).reply == r) for r in REPLIES]
+    for family in dict.fromkeys((0, 1, 2, 3, 6, *sibling[:3], *replies)):
         spec = family_spec(family)
         probes = [f"{spec.name} --help", f"{spec.name} -h", f"{spec.name} help", spec.name,
                   f"{spec.name} bogus --x", f"{spec.name} {spec.verb} a=b c"]
+        siblings = [f"{spec.name} {c}" for c in (spec.lister, spec.status) if c]
         transcripts = []
         for language in ("bash", "python"):
             instance = build_instance(replace(spec, language=language, endings=("success",)),
                                       0)
-            episode = play(instance, [*probes, *instance.commands],
-                           tmp_path / f"{family}-{language}")
+            commands_ = [*siblings, *probes, *instance.commands[:-1], *siblings,
+                         instance.commands[-1]]
+            episode = play(instance, commands_, tmp_path / f"{family}-{language}")
             assert episode.passed is True
             transcripts.append(episode.messages)
         assert transcripts[0] == transcripts[1]
+        if spec.lister:  # nothing before the call, the call's line after it
+            outputs = [m["content"] for m in transcripts[0] if m["role"] == "user"]
+            assert outputs.count("nothing recorded yet\nuser@sandbox:~$ ") == 1
+
+
+@needs_bwrap
+def test_a_call_that_works_replies_in_the_familys_way_and_the_lister_shows_it(tmp_path):
+    for reply in REPLIES:
+        family = next(s for s in range(400) if family_spec(s).reply == reply
+                      and family_spec(s).lister and "success" in family_spec(s).endings
+                      and family_spec(s).grammar != "stdin")
+        spec = family_spec(family)
+        instance = with_ending(family, "success")
+        commands_ = [*instance.commands[:call_index(spec, instance) + 1],
+                     f"{spec.name} {spec.lister}", "exit"]
+        episode = play(instance, commands_, tmp_path / reply)
+        assert episode.passed is True
+        outputs = [m["content"].removesuffix("user@sandbox:~$ ")
+                   for m in episode.messages if m["role"] == "user"]
+        replied, listed = outputs[-2], outputs[-1]
+        line = listed.strip()
+        assert line and "nothing recorded" not in line
+        prefix = reply_prefix(spec)
+        assert replied == {"silent": "", "ok": "ok\n"}.get(reply, f"{prefix} {line}\n"), reply
+
+
+def test_some_experts_check_with_a_sibling_before_they_end():
+    checked = Counter()
+    for family in range(200):
+        spec = family_spec(family)
+        for seed in range(3):
+            instance = build(family, seed)
+            if instance.commands[-2] in (f"{spec.name} {spec.lister}",
+                                         f"{spec.name} {spec.status}"):
+                checked[instance.expect] += 1
+                assert instance.commands[-2].split()[1] == (
+                    spec.status if instance.expect == "panic" else spec.lister)
+    assert checked["exit"] > 20 and checked["panic"] > 5
 
 
 # Wrong-guess detours: a word of the directive tried as the unnamed tool, untrained
@@ -456,3 +565,61 @@ def test_record_cli_guesses_only_where_the_expert_looks_for_the_tool(tmp_path, c
     assert record_main(["--split", "train", "--scenarios", str(folder), "--guesses", "-0.5",
                         "--out", str(out)]) == 1
     assert "--guesses must be a share from 0 to 1, got -0.5" in capsys.readouterr().err
+
+
+# Wrong-help detours: another way of asking the tool for help, refused, untrained
+
+
+def test_wrong_help_asks_the_same_tool_another_way():
+    from sekft.scenarios.detour import help_step, help_tool, wrong_help
+
+    assert [help_tool(c) for c in ("zo --help", "zo -h", "zo help", "man zo", "zo",
+                                   "zo --help | head", "cat zo", "zo list")] == [
+        "zo", "zo", "zo", "zo", None, None, None, None]
+    forms = {wrong_help("zo --help", f"k-{n}") for n in range(60)}
+    assert forms == {"zo -h", "zo help", "man zo"}
+    assert wrong_help("man zo", "k-1") == wrong_help("man zo", "k-1")
+    assert help_step(["cat orders", "ls /usr/local/bin", "zo help", "zo add a", "exit"]) == 2
+    assert help_step(["cat orders", "zo", "exit"]) is None
+    with pytest.raises(ValueError, match="does not ask"):
+        wrong_help("zo list", "k")
+
+
+@needs_bwrap
+def test_a_wrong_help_detour_is_refused_and_trains_only_the_experts_steps():
+    from sekft.scenarios.detour import help_step
+    from sekft.scenarios.record import record_instance
+
+    family = next(s for s in TRAIN if family_spec(s).docs in ("help", "h", "helpcmd", "man"))
+    spec = family_spec(family)
+    instance = build(family, 0)
+    plain = record_instance(instance, EpisodeConfig())
+    detoured = record_instance(instance, EpisodeConfig(), ask_wrong=True)
+    at = help_step(list(instance.commands))
+    assert detoured["wrong_help"] == at and detoured["ending"] == plain["ending"]
+    said = [m for m in detoured["messages"] if m["role"] == "assistant"]
+    assert [m.get("weight", 1) for m in said].count(0) == 1 and said[at]["weight"] == 0
+    assert said[at]["content"] != said[at + 1]["content"] == instance.commands[at]
+    refused = detoured["messages"][2 * at + 2]["content"]
+    assert "No manual entry" in refused or spec.name in refused  # the tool's own refusal
+    m = detoured["messages"]
+    assert m[:2 * at + 1] + m[2 * at + 3:] == plain["messages"]
+
+
+@needs_bwrap
+def test_record_cli_asks_wrong_only_where_the_expert_asks_for_help(tmp_path, capsys):
+    asks = next(s for s in TRAIN if family_spec(s).docs == "help")
+    never = next(s for s in TRAIN if family_spec(s).docs == "usage")  # runs the tool bare
+    folder = tmp_path / "scenarios"
+    for seed in (asks, never):
+        write_scenario(build(seed, 0), folder)
+    out = tmp_path / "w.jsonl"
+    assert record_main(["--split", "train", "--scenarios", str(folder), "--wrong-help", "1",
+                        "--out", str(out)]) == 0
+    sessions = read_sessions(out)
+    detoured = [s.extra["family"] for s in sessions if "wrong_help" in s.extra]
+    assert len(sessions) == 3 and detoured == [build(asks, 0).family]
+    assert "1 wrong help requests" in capsys.readouterr().err
+    assert record_main(["--split", "train", "--scenarios", str(folder), "--wrong-help", "2",
+                        "--out", str(out)]) == 1
+    assert "--wrong-help must be a share from 0 to 1, got 2" in capsys.readouterr().err

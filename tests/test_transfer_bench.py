@@ -47,6 +47,16 @@ def test_every_n_gets_the_same_sessions_and_token_budget(tmp_path):
     assert not any("seen" in t for t in titles)
 
 
+def test_a_mixed_vocabulary_trains_mixed_and_measures_on_open_instances(tmp_path):
+    steps = {t: argv for t, argv, _ in transfer.plan(args_for(tmp_path, "--seen", "40",
+                                                              "--vocab", "mixed"))}
+    assert option(steps["N=10: training scenarios"], "--vocab") == "mixed"
+    assert option(steps["held-out factory scenarios"], "--vocab") == "open"
+    assert option(steps["N=10: new instances of its training families"], "--vocab") == "open"
+    closed = {t: argv for t, argv, _ in transfer.plan(args_for(tmp_path, "--vocab", "closed"))}
+    assert option(closed["held-out factory scenarios"], "--vocab") == "closed"
+
+
 def test_seen_evaluates_new_instances_of_the_adapters_own_families(tmp_path):
     steps = {t: argv for t, argv, _ in transfer.plan(args_for(tmp_path, "--seen", "40"))}
     written = steps["N=30: new instances of its training families"]

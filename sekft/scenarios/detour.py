@@ -1,7 +1,7 @@
 """Detours: an expert episode played again with one step it would not take inserted, that
 step shown in the context but not trained (`weight: 0`), the expert's next step trained.
 
-Two kinds, each the state a small model measurably gets stuck in, and the way out:
+Three kinds, each the state a small model measurably gets stuck in, and the way out:
 - **a repeat** of a read-only step. Under greedy decoding a small model that has run
   `cat orders` and seen its output tends to run it again, and again, until the turn budget
   (the loops measured on the real SmolLM2 adapter). An expert never repeats itself, so
@@ -11,6 +11,12 @@ Two kinds, each the state a small model measurably gets stuck in, and the way ou
   budget: it had never seen a guess fail. An expert of a family whose directive does not
   name its tool looks in /usr/local/bin straight away; a guess detour puts a word of the
   directive in front of that step as the guessed tool (`WORD --help` or `man WORD`).
+- **a wrong way of asking for help.** Told "tally: unknown command 'help'; see tally
+  --help", the adapter ran `tally help` again, four times (the real SmolLM2 adapter on the
+  hand-written tally). An expert asks the right way first, so nothing it records shows a
+  refused help request followed by the form the refusal names. A wrong-help detour puts
+  another form (`T --help`, `T -h`, `T help`, `man T`) in front of the expert's first
+  request for documentation.
 
 The inserted step is played in the sandbox like any command, so its observation is what
 the shell really printed.
@@ -83,6 +89,35 @@ def wrong_guess(directive: str, key: str) -> str | None:
     pick = random.Random(f"guess:{key}")
     word = pick.choice(words)
     return pick.choice([f"{word} --help", f"man {word}"])
+
+
+HELP_FORMS = ("{} --help", "{} -h", "{} help", "man {}")
+
+
+def help_tool(command: str) -> str | None:
+    """The tool `command` asks for its documentation in one of HELP_FORMS, else None."""
+    words = command.split()
+    if len(words) != 2 or any(c in command for c in "<>|;&`'\"$"):
+        return None
+    if words[0] == "man":
+        return words[1]
+    return words[0] if words[1:] in HELP_ARGS else None
+
+
+def help_step(commands: list[str]) -> int | None:
+    """The index of the expert's first request for a tool's documentation (a HELP_FORMS
+    command), where a wrong way of asking goes in front; None when it makes none."""
+    return next((n for n, c in enumerate(commands[:-1]) if help_tool(c)), None)
+
+
+def wrong_help(command: str, key: str) -> str:
+    """Another HELP_FORMS way to ask `command`'s tool for its documentation, chosen by
+    `key` (the scenario id)."""
+    tool = help_tool(command)
+    if tool is None:
+        raise ValueError(f"{command!r} does not ask a tool for its documentation")
+    others = [form.format(tool) for form in HELP_FORMS if form.format(tool) != command]
+    return random.Random(f"wrong-help:{key}").choice(others)
 
 
 def with_step(commands: list[str], at: int, command: str) -> list[str]:

@@ -18,6 +18,9 @@ repeated and that repeat untrained (sekft.scenarios.detour): the state a looping
 is in, and the step out of it. `--guesses P` plays a share P of the instances whose expert
 looks for an unnamed tool in /usr/local/bin again with a wrong guess first (a word of the
 directive tried as the tool, untrained): a failed guess, and the step out of it.
+`--wrong-help P` plays a share P of the instances whose expert asks a tool for its
+documentation again with a wrong way of asking first (`T help` for a tool that takes
+`T --help`, untrained): a refused help request, and the form the refusal names.
 
 There is no --no-sandbox: the families' providers keep their state under /usr/local, which
 only the sandbox maps into the world; unconfined they would write to this machine's.
@@ -42,17 +45,20 @@ from sekft.scenarios import build, choose_families, describe_split
 from sekft.scenarios.detour import (
     detour_step,
     guess_step,
+    help_step,
     mark_untrained,
     with_repeat,
     with_step,
     wrong_guess,
+    wrong_help,
 )
 from sekft.scenarios.expert import expert_policy, unseen_words
 from sekft.scenarios.world import Instance, write_scenario
 
 
 def record_instance(instance: Instance, config: EpisodeConfig, detour: bool = False,
-                    guess_from: list[dict] | None = None) -> dict | None:
+                    guess_from: list[dict] | None = None,
+                    ask_wrong: bool = False) -> dict | None:
     """Play `instance`'s expert through the harness and return its trajectory record.
 
     Raises ScenarioError when the expert does not pass its own checker or types a word it
@@ -60,11 +66,12 @@ def record_instance(instance: Instance, config: EpisodeConfig, detour: bool = Fa
     """
     with tempfile.TemporaryDirectory(prefix="sekft-record-") as tmp:
         return record_scenario(load_scenario(write_scenario(instance, tmp)), config, detour,
-                               guess_from)
+                               guess_from, ask_wrong)
 
 
 def record_scenario(scenario: Scenario, config: EpisodeConfig, detour: bool = False,
-                    guess_from: list[dict] | None = None) -> dict | None:
+                    guess_from: list[dict] | None = None,
+                    ask_wrong: bool = False) -> dict | None:
     """`record_instance` for a scenario folder carrying its expert's commands in
     scenario.json's meta ("expert"), as the built-in suite and the factory write them.
 
@@ -72,9 +79,11 @@ def record_scenario(scenario: Scenario, config: EpisodeConfig, detour: bool = Fa
     the repeat untrained; the record's "detour" is the repeated step. `guess_from`, the
     messages of the plain expert episode, plays it with a wrong guess (`wrong_guess` at a
     word of the observation before `guess_step`) in front of the step that finds the tool,
-    the guess untrained; the record's "guess" is the guess's turn. Either returns None (no
-    record) when the expert has no such step, no turn to spare, or the guessed word turns
-    out to be a program after all.
+    the guess untrained; the record's "guess" is the guess's turn. ask_wrong=True plays it
+    with a wrong way of asking for help (`wrong_help`) in front of its first request for a
+    tool's documentation (`help_step`), untrained; the record's "wrong_help" is its turn.
+    Each returns None (no record) when the expert has no such step, no turn to spare, or
+    the guessed word turns out to be a program after all, or the wrong way of asking works.
     """
     commands = scenario.meta.get("expert")
     if not (isinstance(commands, list) and commands
@@ -94,7 +103,12 @@ def record_scenario(scenario: Scenario, config: EpisodeConfig, detour: bool = Fa
         if guess is not None:
             untrained, extra = at, {"guess": at}
             commands = with_step(commands, at, guess)
-    if (detour or guess_from is not None) and (
+    elif ask_wrong:
+        at = help_step(commands)
+        if at is not None:
+            untrained, extra = at, {"wrong_help": at}
+            commands = with_step(commands, at, wrong_help(commands[at], scenario.id))
+    if (detour or guess_from is not None or ask_wrong) and (
             untrained is None or len(commands) > scenario.turn_budget):
         return None
     episode = run_episode(scenario, expert_policy(commands, scenario.id), config, run="expert")
@@ -109,8 +123,8 @@ def record_scenario(scenario: Scenario, config: EpisodeConfig, detour: bool = Fa
     if unseen:
         raise ScenarioError(f"{scenario.id}: the expert types {unseen} (message index, word) "
                             "before any observation shows it; the family has a bug")
-    if "guess" in extra and episode.statuses[untrained] == 0:
-        return None  # the guessed word is a program here: not a wrong guess
+    if ("guess" in extra or "wrong_help" in extra) and episode.statuses[untrained] == 0:
+        return None  # the guessed word is a program, or that way of asking works: no detour
     messages = (episode.messages if untrained is None
                 else mark_untrained(episode.messages, untrained))
     return {"messages": messages, "scenario": scenario.id, "family": scenario.family,
@@ -129,11 +143,13 @@ def detoured(key: str, share: float) -> bool:
 
 
 def record(todo: list[Instance] | list[Scenario], config: EpisodeConfig,
-           jobs: int = 1, detours: float = 0.0, guesses: float = 0.0) -> list[dict]:
+           jobs: int = 1, detours: float = 0.0, guesses: float = 0.0,
+           wrong_helps: float = 0.0) -> list[dict]:
     """Trajectories of `todo` (instances, or scenario folders with an expert), in order,
-    `jobs` episodes at a time; a share `detours` of them also recorded with a repeat, and
-    a share `guesses` of those whose expert looks for an unnamed tool with a wrong guess
-    (each variant's record right after its original's)."""
+    `jobs` episodes at a time; a share `detours` of them also recorded with a repeat, a
+    share `guesses` of those whose expert looks for an unnamed tool with a wrong guess, and
+    a share `wrong_helps` of those whose expert asks a tool for help with a wrong way of
+    asking first (each variant's record right after its original's)."""
 
     def one(item: Instance | Scenario) -> list[dict]:
         play = record_scenario if isinstance(item, Scenario) else record_instance
@@ -144,6 +160,8 @@ def record(todo: list[Instance] | list[Scenario], config: EpisodeConfig,
             records.append(play(item, config, True))
         if detoured(f"guess:{key}", guesses):
             records.append(play(item, config, guess_from=plain["messages"]))
+        if detoured(f"wrong-help:{key}", wrong_helps):
+            records.append(play(item, config, ask_wrong=True))
         return [r for r in records if r is not None]
 
     if jobs <= 1:
@@ -187,6 +205,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="share of instances whose expert looks for an unnamed tool in "
                         "/usr/local/bin also recorded with a wrong guess first, the guess "
                         "untrained (0..1)")
+    p.add_argument("--wrong-help", type=float, default=0.0,
+                   help="share of instances whose expert asks a tool for its documentation "
+                        "also recorded with a wrong way of asking first (e.g. `T help` for a "
+                        "tool that takes `T --help`), that request untrained (0..1)")
     # Episodes mostly wait on the terminal, so several at once pay off even on 2 cores.
     p.add_argument("--jobs", type=int, default=4, help="episodes run at the same time")
     return p.parse_args(argv)
@@ -196,9 +218,9 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.jobs <= 0:
         raise ConfigError("--jobs must be positive")
-    for name in ("detours", "guesses"):
+    for name in ("detours", "guesses", "wrong_help"):
         if not 0 <= getattr(args, name) <= 1:
-            raise ConfigError(f"--{name} must be a share from 0 to 1, got "
+            raise ConfigError(f"--{name.replace('_', '-')} must be a share from 0 to 1, got "
                               f"{getattr(args, name)}")
     if args.scenarios is not None:
         if args.seeds is not None or args.families is not None:
@@ -214,13 +236,16 @@ def _main(argv: list[str] | None) -> int:
         print(describe_split(), file=sys.stderr)
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         todo = instances(args.split, seeds, families)
-    records = record(todo, EpisodeConfig(sandbox=True), args.jobs, args.detours, args.guesses)
+    records = record(todo, EpisodeConfig(sandbox=True), args.jobs, args.detours, args.guesses,
+                     args.wrong_help)
     write_jsonl(records, args.out)
     turns = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
     detours = sum("detour" in r for r in records)
     guesses = sum("guess" in r for r in records)
+    helps = sum("wrong_help" in r for r in records)
     print(f"wrote {len(records)} {args.split} trajectories ({turns} commands; {detours} "
-          f"detours, {guesses} wrong guesses) of {len(families)} families to {args.out}",
+          f"detours, {guesses} wrong guesses, {helps} wrong help requests) of "
+          f"{len(families)} families to {args.out}",
           file=sys.stderr)
     return 0
 

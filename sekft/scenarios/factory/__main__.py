@@ -14,7 +14,7 @@ from pathlib import Path
 from sekft.errors import ConfigError, run_cli
 from sekft.scenarios.factory import describe, family_seeds, family_spec, generate
 from sekft.scenarios.factory.spec import HELDOUT_SHARE
-from sekft.scenarios.factory.vocab import VOCABS
+from sekft.scenarios.factory.vocab import MODES, instance_vocab
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,9 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", choices=("train", "heldout"),
                    help=f"train families, or the held-out ones (1 family seed in "
                         f"{HELDOUT_SHARE}: no grammar, docs or work spec of a training one)")
-    p.add_argument("--vocab", choices=VOCABS, default="open",
+    p.add_argument("--vocab", choices=MODES, default="open",
                    help="open: invented names and numbers; closed: the closed word list the "
-                        "tiny default base copies")
+                        "tiny default base copies; mixed: open for even instance seeds, "
+                        "closed for odd ones")
     p.add_argument("--out", type=Path, help="folder to write one scenario folder per instance")
     return p.parse_args(argv)
 
@@ -51,7 +52,8 @@ def _main(argv: list[str] | None) -> int:
                           "--first-seed not negative")
     families = family_seeds(args.split, args.families, args.first_family)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    written = [generate(f, s, args.out, args.vocab) for f in families for s in seeds]
+    written = [generate(f, s, args.out, instance_vocab(args.vocab, s))
+               for f in families for s in seeds]
     print(f"wrote {len(written)} {args.split} scenarios of {len(families)} factory families "
           f"(family seeds {families[0]}..{families[-1]}, {args.vocab} vocabulary) to "
           f"{args.out}", file=sys.stderr)

@@ -13,6 +13,10 @@ The expert's episode, by ending:
               when the family has a confirmation flag, after reading it, the call without
               the flag, refused with what to add. Then the right call, and `exit`
 
+When the provider has a lister, the expert sometimes checks its record with it before
+`exit`; when it has a status command, it sometimes looks at the gate after a refusal,
+before `panic` (VERIFY_SHARE each).
+
 check.sh reads the provider's state file for the call's line, the kept contents for a
 file handed in, and the home folder for the work (a file written, moved, transformed).
 """
@@ -37,9 +41,12 @@ from sekft.scenarios.factory.vocab import Vocab
 from sekft.scenarios.factory.work import BUILDERS, Job
 from sekft.scenarios.world import Instance, expect_ending, text
 
+# How a named family's directive calls its provider (its name twice as often).
+NAMED = ("{name}", "{name}", "the {name} tool")
 # What an unnamed family's directive calls its provider: nothing a command could be.
 UNNAMED = ("the local tool", "the tool installed here", "this machine's tool for it",
            "the usual tool")
+VERIFY_SHARE = 0.5
 PANIC_REASONS = {
     "credential": "no API token for {name}; the administrator must issue one",
     "quota": "the {name} quota is used up; support must raise it",
@@ -55,7 +62,8 @@ def build_instance(spec: FamilySpec, seed: int, vocab: str = "open") -> Instance
     rng = random.Random(f"sekft.factory.instance:{spec.seed}:{seed}:{vocab}")
     v = Vocab(vocab, rng)
     ending = rng.choice(spec.endings)
-    tool = spec.name if spec.naming == "named" else rng.choice(UNNAMED)
+    tool = (rng.choice(NAMED).format(name=spec.name) if spec.naming == "named"
+            else rng.choice(UNNAMED))
     job = BUILDERS[spec.work](rng, v, spec.variant, tool)
     directive = job.directive
     glued = job.glued + tuple(job.values[role] for _, role, kind in spec.fields
@@ -76,6 +84,9 @@ def build_instance(spec: FamilySpec, seed: int, vocab: str = "open") -> Instance
     if ending == "recover":
         commands += _recover(spec, values)
     commands.append(call(spec, values, job.producer))
+    sibling = spec.status if ending == "blocked" else spec.lister
+    if sibling and rng.random() < VERIFY_SHARE:  # drawn last: the draws above stay as they were
+        commands.append(f"{spec.name} {sibling}")
     commands.append(f'panic "{PANIC_REASONS[spec.blocker].format(name=spec.name)}"'
                     if ending == "blocked" else "exit")
     line = _line(spec, values)

@@ -8,13 +8,17 @@ family's grammar:
     keyvalue     NAME add item=ITEM count=COUNT              (any order)
     stdin        echo COUNT | NAME add ITEM                  (the last field on stdin)
 
-plus the confirmation flag when the family has one. A text field's value is recorded as
-given; a file field names a file whose contents the tool keeps (on stdin: the contents).
-A well-formed call appends its line (the values, a file by its base name, "-" for stdin)
-to `attempts`, then passes the gate of the family's blocker (an API token in
-~/.config/NAME/token, a quota left, the user on the writers list) or refuses; past the gate
-it keeps the files under `files/` and appends the line to the family's state file, which
-check.sh reads. A wrong call names what is wrong and where the documentation is (in the
+plus the confirmation flag when the family has one. A provider with subcommands may also
+have read-only siblings: `NAME LISTER` prints the state file's lines, `NAME STATUS` what
+the gate looks at (the token's presence, the quota left, the writers list).
+
+A text field's value is recorded as given; a file field names a file whose contents the
+tool keeps (on stdin: the contents). A well-formed call appends its line (the values, a
+file by its base name, "-" for stdin) to `attempts`, then passes the gate of the family's
+blocker (an API token in ~/.config/NAME/token, a quota left, the user on the writers list)
+or refuses; past the gate it keeps the files under `files/`, appends the line to the
+family's state file, which check.sh reads, and replies in the family's way
+(`spec.REPLIES`). A wrong call names what is wrong and where the documentation is (in the
 `usage` doc style: prints the documentation itself).
 
 Both languages implement exactly this behaviour from the same settings, so the language
@@ -47,6 +51,28 @@ HINTS = {
     "readme": ("documentation: {readme}", "see {readme}", "read {readme} for usage"),
     "usage": ("", "", ""),
 }
+# What the action does, for a table of commands; {role} stands for the field's label.
+ACTIONS = {
+    "record": "record {value} under {key}",
+    "count": "report {count} for {key}",
+    "lines": "hand in {file}",
+    "transform": "hand in {file}",
+    "copy": "register {file}",
+    "move": "register {file}",
+    "rename": "register {file}",
+    "send": "send {file} to {person}",
+}
+LISTS = ("list every record", "show what has been recorded", "print the records kept so far")
+STATUS_TEXTS = {
+    "credential": "show whether your API token is in place",
+    "quota": "show the quota you have left",
+    "permission": "show who may write",
+}
+PAST = {"add": "added", "record": "recorded", "set": "set", "log": "logged",
+        "submit": "submitted", "report": "reported", "count": "counted", "enter": "entered",
+        "put": "put", "upload": "uploaded", "store": "stored", "file": "filed",
+        "register": "registered", "track": "tracked", "note": "noted", "claim": "claimed",
+        "send": "sent", "deliver": "delivered", "share": "shared", "mail": "mailed"}
 MEANINGS = {
     "key": "the name to record it under",
     "value": "the value, a whole number",
@@ -99,6 +125,23 @@ def usage_form(spec: FamilySpec) -> str:
     return form
 
 
+def commands(spec: FamilySpec) -> list[tuple[str, str]]:
+    """(form, what it does) of every command the provider has: the action, then its
+    read-only siblings."""
+    labels = {role: label for label, role, _ in spec.fields}
+    table = [(usage_form(spec), ACTIONS[spec.work].format(**labels))]
+    if spec.lister:
+        table.append((f"{spec.name} {spec.lister}", LISTS[spec.wording]))
+    if spec.status:
+        table.append((f"{spec.name} {spec.status}", STATUS_TEXTS[spec.blocker]))
+    return table
+
+
+def _table(rows: list[tuple[str, str]], indent: str) -> list[str]:
+    width = max(len(left) for left, _ in rows)
+    return [f"{indent}{left.ljust(width)}  {right}" for left, right in rows]
+
+
 def _field_lines(spec: FamilySpec) -> list[tuple[str, str]]:
     lines = [(label, MEANINGS[role] + (" (read from standard input)"
                                        if spec.grammar == "stdin" and i == len(spec.fields) - 1
@@ -114,21 +157,30 @@ def _notes(spec: FamilySpec) -> str:
 
 
 def documentation(spec: FamilySpec) -> str:
-    """The provider's documentation text in the family's layout (help, -h, usage, README)."""
+    """The provider's documentation text in the family's layout (help, -h, usage, README);
+    with `spec.table`, its commands are also laid out as a table (or, in layout 2, told in
+    sentences)."""
     summary = SUMMARIES[spec.work][spec.wording]
-    form = usage_form(spec)
+    forms = commands(spec) if spec.table else [(usage_form(spec), "")]
     fields = _field_lines(spec)
-    width = max(len(label) for label, _ in fields)
     if spec.layout == 0:
-        lines = [f"usage: {form}", "", f"{summary.capitalize()}.", ""]
-        lines += [f"  {label.ljust(width)}  {what}" for label, what in fields]
+        lines = [f"usage: {forms[0][0]}", *(f"       {form}" for form, _ in forms[1:]), "",
+                 f"{summary.capitalize()}.", ""]
+        if spec.table:
+            lines += [*_table(forms, "  "), ""]
+        lines += _table(fields, "  ")
         return "\n".join([*lines, "", _notes(spec)])
     if spec.layout == 1:
-        lines = [f"{spec.name} - {summary}", "", "SYNOPSIS", f"    {form}", "", "ARGUMENTS"]
-        lines += [f"    {label.ljust(width)}  {what}" for label, what in fields]
+        lines = [f"{spec.name} - {summary}", "", "SYNOPSIS",
+                 *(f"    {form}" for form, _ in forms), ""]
+        if spec.table:
+            lines += ["COMMANDS", *_table(forms, "    "), ""]
+        lines += ["ARGUMENTS", *_table(fields, "    ")]
         return "\n".join([*lines, "", "NOTES", f"    {_notes(spec)}"])
     where = "; ".join(f"{label} is {what}" for label, what in fields)
-    return f"Usage: {form}\n\n{summary.capitalize()}. {where}.\n{_notes(spec)}"
+    usage = "\n       ".join(form for form, _ in forms)
+    told = "".join(f" To {what}: {form}." for form, what in forms) if spec.table else ""
+    return f"Usage: {usage}\n\n{summary.capitalize()}. {where}.{told}\n{_notes(spec)}"
 
 
 def doc_files(spec: FamilySpec) -> dict[str, bytes]:
@@ -143,8 +195,13 @@ def doc_files(spec: FamilySpec) -> dict[str, bytes]:
 def _man(spec: FamilySpec) -> str:
     """A roff man page; the layout decides the section names and where the fields go."""
     summary = SUMMARIES[spec.work][spec.wording]
+    forms = commands(spec) if spec.table else [(usage_form(spec), "")]
     lines = [f".TH {spec.name.upper()} 1", ".SH NAME", f"{spec.name} \\- {summary}",
-             ".SH SYNOPSIS", ".nf", usage_form(spec), ".fi"]
+             ".SH SYNOPSIS", ".nf", *(form for form, _ in forms), ".fi"]
+    if spec.table:
+        lines.append(".SH COMMANDS")
+        for form, what in forms:
+            lines += [".TP", f".B {form}", what]
     section = ("DESCRIPTION", "OPTIONS", "ARGUMENTS")[spec.layout]
     lines.append(f".SH {section}")
     for label, what in _field_lines(spec):
@@ -187,7 +244,16 @@ def settings(spec: FamilySpec) -> dict:
         "REFUSAL": REFUSALS[spec.blocker].format(name=spec.name),
         "LABELS": [label for label, _, _ in spec.fields],
         "KINDS": [kind for _, _, kind in spec.fields],
+        "LISTER": spec.lister or "", "STATUS": spec.status or "",
+        "DONE": reply_prefix(spec),
     }
+
+
+def reply_prefix(spec: FamilySpec) -> str:
+    """What a call that works prints before its line ("ok" alone: the whole reply; "": no
+    reply at all)."""
+    return {"done": f"{spec.name}: done:", "past": PAST[spec.verb], "ok": "ok",
+            "silent": ""}[spec.reply]
 
 
 def script(spec: FamilySpec) -> bytes:
@@ -256,9 +322,29 @@ def allowed():
         return "user" in f.read().split()
 
 
+def status():
+    if GATE == "credential":
+        path = f"~/.config/{NAME}/token"
+        if os.path.isfile(os.path.expanduser(path)):
+            return f"token: {path} (found)"
+        return f"token: none; expected in {path}"
+    if GATE == "quota":
+        with open(f"{STATE}/quota") as f:
+            return f"quota left: {f.read().strip()}"
+    with open(f"{STATE}/writers") as f:
+        return f"writers: {' '.join(f.read().split())}"
+
+
 def main(args):
     if (DOCS, args) in (("help", ["--help"]), ("h", ["-h"]), ("helpcmd", ["help"])):
         print(DOC)
+        return 0
+    if LISTER and args == [LISTER]:
+        rows = open(LOG).read().splitlines() if os.path.isfile(LOG) else []
+        print("\n".join(rows) if rows else "nothing recorded yet")
+        return 0
+    if STATUS and args == [STATUS]:
+        print(status())
         return 0
     if args[:1] in (["--help"], ["-h"], ["help"]):
         die(f"unknown option {args[0]}")
@@ -302,7 +388,10 @@ def main(args):
             f.write(data)
     with open(LOG, "a") as f:
         f.write(line + "\n")
-    print(f"{NAME}: done: {line}")
+    if DONE == "ok":
+        print("ok")
+    elif DONE:
+        print(f"{DONE} {line}")
     return 0
 
 
@@ -335,6 +424,20 @@ allowed() {
 case "$DOCS:$*" in
   help:--help|h:-h|helpcmd:help) doc; exit 0 ;;
 esac
+if [ -n "$LISTER" ] && [ $# -eq 1 ] && [ "$1" = "$LISTER" ]; then
+  if [ -s "$LOG" ]; then cat "$LOG"; else echo "nothing recorded yet"; fi
+  exit 0
+fi
+if [ -n "$STATUS" ] && [ $# -eq 1 ] && [ "$1" = "$STATUS" ]; then
+  case "$GATE" in
+    credential)
+      if [ -f "$HOME/.config/$NAME/token" ]; then echo "token: ~/.config/$NAME/token (found)"
+      else echo "token: none; expected in ~/.config/$NAME/token"; fi ;;
+    quota) echo "quota left: $(cat "$STATE/quota")" ;;
+    *) echo "writers: $(tr -s ' \n' '  ' < "$STATE/writers" | sed 's/ *$//')" ;;
+  esac
+  exit 0
+fi
 case "$1" in --help|-h|help) die "unknown option $1" ;; esac
 if [ -n "$VERB" ]; then
   [ $# -gt 0 ] || die "no command given"
@@ -413,5 +516,5 @@ allowed || { echo "$NAME: $REFUSAL" >&2; exit 1; }
 mkdir -p "$STATE/files"
 for s in "${sources[@]}"; do cp "${s%:*}" "$STATE/files/${s##*:}"; done
 echo "$line" >> "$LOG"
-echo "$NAME: done: $line"
+if [ "$DONE" = ok ]; then echo ok; elif [ -n "$DONE" ]; then echo "$DONE $line"; fi
 """

@@ -12,6 +12,12 @@ things a model has to learn from the provider rather than remember:
     docs     (style, layout)                          e.g. ("man", 1)
     work     (kind, variant)                          e.g. ("transform", "sed")
 
+Besides its action, a provider with subcommands may have read-only siblings (`lister`: shows
+what has been recorded; `status`: shows what its gate looks at), and its documentation may
+lay its commands out as a table, `FORM  what it does`, the way most command-line tools do
+(`table`). What a successful call prints varies too (`reply`: the tool's own line, a past
+tense, "ok", or nothing). These are not spec parts: both splits draw them.
+
 Each kind (a grammar style, a doc style, a work kind) has a few variants, and its LAST
 variant is reserved for held-out families: a training family never draws it, a held-out
 family always does, in all three parts. So a held-out family shares no spec part with any
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sekft.errors import ConfigError
 from sekft.scenarios.words import WORDS
@@ -67,6 +73,12 @@ BLOCKERS = ("credential", "quota", "permission")
 LANGUAGES = ("bash", "python")
 STATE_ROOTS = ("var/{name}", "var/lib/{name}", "lib/{name}/state")
 STATE_FILES = ("log", "records", "journal", "db")
+# Read-only sibling subcommands: one that lists the records, one that shows the gate.
+LISTERS = ("list", "ls", "show", "log", "history")
+STATUSES = ("status", "info", "check")
+LISTER_SHARE, STATUS_SHARE, TABLE_SHARE = 0.7, 0.4, 0.5
+# What a successful call prints: "NAME: done: LINE", "PAST LINE", "ok", or nothing.
+REPLIES = ("done", "past", "ok", "silent")
 
 # The tool's action: a verb per work kind (used when the grammar has subcommands).
 VERBS: dict[str, tuple[str, ...]] = {
@@ -134,6 +146,10 @@ class FamilySpec:
     endings: tuple[str, ...]
     blocker: str
     naming: str = "named"
+    lister: str | None = None
+    status: str | None = None
+    table: bool = False
+    reply: str = "done"
 
     @property
     def family(self) -> str:
@@ -215,8 +231,18 @@ def family_spec(seed: int) -> FamilySpec:
         posts=tuple(rng.sample(POSTS, 2)),
         endings=rng.choice(ENDING_SETS),
         blocker=rng.choice(BLOCKERS),
-        naming=rng.choice(NAMINGS),  # drawn last: the other draws stay as they were
+        naming=rng.choice(NAMINGS),
     )
+    # Drawn after the rest, so that the parts above stay what they were before these existed.
+    lister = status = None
+    if spec.subcommand:
+        if rng.random() < LISTER_SHARE:
+            lister = rng.choice([c for c in LISTERS if c != spec.verb])
+        if rng.random() < STATUS_SHARE:
+            status = rng.choice(STATUSES)
+    table = bool(lister or status) or rng.random() < TABLE_SHARE
+    spec = replace(spec, lister=lister, status=status, table=table,
+                   reply=rng.choice(REPLIES))
     validate_spec(spec)
     return spec
 
@@ -254,6 +280,14 @@ def validate_spec(spec: FamilySpec) -> None:
     if spec.name in RESERVED or spec.verb == "help":
         problems.append(f"provider {spec.name!r} {spec.verb!r} would be shadowed by bash or "
                         "by its own help")
+    siblings = [c for c in (spec.lister, spec.status) if c is not None]
+    if siblings and not spec.subcommand:
+        problems.append(f"subcommands {siblings} on a provider without subcommands")
+    if len({spec.verb, "help", *siblings}) != 2 + len(siblings):
+        problems.append(f"subcommands {[spec.verb, *siblings]} collide with each other or "
+                        "with help")
+    if spec.reply not in REPLIES:
+        problems.append(f"reply {spec.reply!r} is unknown")
     if spec.confirm is not None and spec.confirm.lstrip("-").upper() in spec.labels:
         problems.append(f"confirmation flag {spec.confirm} is also the name of an option")
     if problems:
@@ -273,12 +307,17 @@ def describe(spec: FamilySpec) -> str:
     if spec.confirm:
         grammar += f", confirmation flag {spec.confirm}"
     fields = ", ".join(f"{label} ({role}, {kind})" for label, role, kind in spec.fields)
+    others = ", ".join(f"{c} ({what})" for c, what in ((spec.lister, "lists the records"),
+                                                       (spec.status, "shows the gate"))
+                       if c) or "none"
     return "\n".join([
         f"family seed {spec.seed} ({spec.split}): {spec.family}",
         f"  provider:   {spec.name} ({spec.language}), state file {spec.state}",
         f"  grammar:    {grammar}",
         f"  fields:     {fields}",
-        f"  docs:       {spec.docs}, layout {spec.layout}, wording {spec.wording}",
+        f"  also:       {others}; a call that works replies {spec.reply}",
+        f"  docs:       {spec.docs}, layout {spec.layout}, wording {spec.wording}"
+        + (", commands as a table" if spec.table else ""),
         f"  directive:  {' or '.join(spec.posts)}, "
         + ("names the provider" if spec.naming == "named"
            else "does not name the provider (found with ls /usr/local/bin)"),

@@ -7,6 +7,10 @@ Two modes:
     closed   names from the closed word list and small numbers, the ones the tiny default
              base was built on (`sekft.scenarios.words`), so that base can still copy them.
 
+A run of the factory may also ask for `mixed`: even instance seeds open, odd ones closed
+(`instance_vocab`), so a real model meets both invented names and plain English words, as
+real directives have both.
+
 Names of one instance never contain one another, so `grep NAME` finds only that name.
 """
 
@@ -19,8 +23,18 @@ from sekft.scenarios.posts import apart
 from sekft.scenarios.words import WORDS
 
 VOCABS = ("open", "closed")
+MODES = (*VOCABS, "mixed")  # what a factory run may ask for
 SYLLABLE_START = "bdfgklmnprstvz"
 SYLLABLE_VOWEL = "aeiou"
+
+
+def instance_vocab(mode: str, seed: int) -> str:
+    """The vocabulary of instance `seed` in a run asking for `mode` (one of MODES)."""
+    if mode not in MODES:
+        raise ConfigError(f"vocabulary {mode!r}: must be one of {', '.join(MODES)}")
+    if mode == "mixed":
+        return VOCABS[seed % 2]
+    return mode
 
 
 class Vocab:

@@ -236,6 +236,19 @@ def test_expert_reads_the_providers_own_documentation():
         assert set(doc_commands(spec)) <= set(commands) or spec.docs == "usage"
 
 
+def test_a_named_provider_is_called_by_its_name_or_as_a_thing():
+    ways = Counter()
+    for family in [s for s in TRAIN if family_spec(s).naming == "named"][:60]:
+        name = family_spec(family).name
+        for seed in range(2):
+            text = b"\n".join(build(family, seed).files.values()).decode(errors="replace")
+            ways["tool"] += f"the {name} tool" in text
+            ways["thing"] += f"the {name}." in text or f"the {name} " in text.replace(
+                f"the {name} tool", "")
+            ways["name"] += f" {name}." in text or f" {name} " in text
+    assert min(ways.values()) >= 10, ways
+
+
 def test_an_unnamed_provider_is_found_on_the_path_before_it_is_used():
     unnamed = [s for s in range(80) if family_spec(s).naming == "unnamed"]
     named = [s for s in range(80) if family_spec(s).naming == "named"]

@@ -41,8 +41,9 @@ from sekft.scenarios.factory.vocab import Vocab
 from sekft.scenarios.factory.work import BUILDERS, Job
 from sekft.scenarios.world import Instance, expect_ending, text
 
-# How a named family's directive calls its provider (its name twice as often).
-NAMED = ("{name}", "{name}", "the {name} tool")
+# How a named family's directive calls its provider: by its name (as often as not), or
+# as a thing ("the NAME tool", "into the NAME"), as the suite's stash and ledger are.
+NAMED = ("{name}", "{name}", "the {name} tool", "the {name}")
 # What an unnamed family's directive calls its provider: nothing a command could be.
 UNNAMED = ("the local tool", "the tool installed here", "this machine's tool for it",
            "the usual tool")

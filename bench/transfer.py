@@ -13,7 +13,9 @@ steps x batch tokens, or --steps / --batch-tokens), so that only the variety cha
 
 1. `python -m sekft.scenarios.factory --split train --families N` writes the training
    scenarios and `python -m sekft.scenarios.record --scenarios` records their experts
-   (with --record-args: by default the detours and wrong guesses `make demo-real` records);
+   (with --record-args: by default the detours and wrong guesses `make demo-real` records,
+   and wrong ways of asking for help); --vocab mixed (the default) writes half the training
+   instances with invented names, half with plain words;
 2. `sekft-train --config TRAIN_RECIPE` trains a LoRA adapter on them;
 3. `sekft-eval --config EVAL_RECIPE` runs it on two held-out sets written once for all N:
    held-out factory families (no grammar, docs or work spec any training family has) and
@@ -72,10 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heldout-seeds", type=int, default=2, help="instances per held-out family")
     p.add_argument("--handwritten-seeds", type=int, default=3,
                    help="held-out instances per hand-written family")
-    p.add_argument("--vocab", choices=("open", "closed", "mixed"), default="open",
+    p.add_argument("--vocab", choices=("open", "closed", "mixed"), default="mixed",
                    help="the training instances' vocabulary (mixed: half open, half closed); "
                         "held-out factory instances are open unless this is closed")
-    p.add_argument("--record-args", default="--detours 0.5 --guesses 1",
+    p.add_argument("--record-args", default="--detours 0.5 --guesses 1 --wrong-help 0.5",
                    help="more sekft.scenarios.record options, one string")
     p.add_argument("--train-args", default="", help="more sekft-train options, one string")
     p.add_argument("--eval-args", default="", help="more sekft-eval options, one string")

@@ -20,12 +20,13 @@ from sekft.scenarios.factory import instance as factory_instance
 from sekft.scenarios.factory.__main__ import main as factory_main
 from sekft.scenarios.factory.instance import build_instance
 from sekft.scenarios.factory.provider import (
+    PAST,
     REFUSALS,
     _man,
     commands,
     doc_commands,
     documentation,
-    reply_prefix,
+    reply,
 )
 from sekft.scenarios.factory.spec import (
     BLOCKERS,
@@ -471,23 +472,24 @@ def test_bash_and_python_providers_answer_alike(tmp_path):
 
 @needs_bwrap
 def test_a_call_that_works_replies_in_the_familys_way_and_the_lister_shows_it(tmp_path):
-    for reply in REPLIES:
-        family = next(s for s in range(400) if family_spec(s).reply == reply
+    for kind in REPLIES:
+        family = next(s for s in range(400) if family_spec(s).reply == kind
                       and family_spec(s).lister and "success" in family_spec(s).endings
                       and family_spec(s).grammar != "stdin")
         spec = family_spec(family)
         instance = with_ending(family, "success")
         commands_ = [*instance.commands[:call_index(spec, instance) + 1],
                      f"{spec.name} {spec.lister}", "exit"]
-        episode = play(instance, commands_, tmp_path / reply)
+        episode = play(instance, commands_, tmp_path / kind)
         assert episode.passed is True
         outputs = [m["content"].removesuffix("user@sandbox:~$ ")
                    for m in episode.messages if m["role"] == "user"]
         replied, listed = outputs[-2], outputs[-1]
         line = listed.strip()
         assert line and "nothing recorded" not in line
-        prefix = reply_prefix(spec)
-        assert replied == {"silent": "", "ok": "ok\n"}.get(reply, f"{prefix} {line}\n"), reply
+        said = {"done": f"{spec.name}: done: {line}\n", "past": f"{PAST[spec.verb]} {line}\n",
+                "ok": "ok\n", "silent": ""}[kind]
+        assert replied == said and reply(spec).replace("{line}", line) == said.strip(), kind
 
 
 def test_some_experts_check_with_a_sibling_before_they_end():

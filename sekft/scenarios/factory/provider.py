@@ -245,15 +245,14 @@ def settings(spec: FamilySpec) -> dict:
         "LABELS": [label for label, _, _ in spec.fields],
         "KINDS": [kind for _, _, kind in spec.fields],
         "LISTER": spec.lister or "", "STATUS": spec.status or "",
-        "DONE": reply_prefix(spec),
+        "DONE": reply(spec),
     }
 
 
-def reply_prefix(spec: FamilySpec) -> str:
-    """What a call that works prints before its line ("ok" alone: the whole reply; "": no
-    reply at all)."""
-    return {"done": f"{spec.name}: done:", "past": PAST[spec.verb], "ok": "ok",
-            "silent": ""}[spec.reply]
+def reply(spec: FamilySpec) -> str:
+    """What a call that works prints, {line} standing for its logged line ("": nothing)."""
+    return {"done": f"{spec.name}: done: {{line}}", "past": f"{PAST[spec.verb]} {{line}}",
+            "ok": "ok", "silent": ""}[spec.reply]
 
 
 def script(spec: FamilySpec) -> bytes:
@@ -340,7 +339,10 @@ def main(args):
         print(DOC)
         return 0
     if LISTER and args == [LISTER]:
-        rows = open(LOG).read().splitlines() if os.path.isfile(LOG) else []
+        rows = []
+        if os.path.isfile(LOG):
+            with open(LOG) as f:
+                rows = f.read().splitlines()
         print("\n".join(rows) if rows else "nothing recorded yet")
         return 0
     if STATUS and args == [STATUS]:
@@ -388,10 +390,8 @@ def main(args):
             f.write(data)
     with open(LOG, "a") as f:
         f.write(line + "\n")
-    if DONE == "ok":
-        print("ok")
-    elif DONE:
-        print(f"{DONE} {line}")
+    if DONE:
+        print(DONE.replace("{line}", line))
     return 0
 
 
@@ -516,5 +516,5 @@ allowed || { echo "$NAME: $REFUSAL" >&2; exit 1; }
 mkdir -p "$STATE/files"
 for s in "${sources[@]}"; do cp "${s%:*}" "$STATE/files/${s##*:}"; done
 echo "$line" >> "$LOG"
-if [ "$DONE" = ok ]; then echo ok; elif [ -n "$DONE" ]; then echo "$DONE $line"; fi
+[ -z "$DONE" ] || echo "${DONE//"{line}"/$line}"
 """

@@ -563,23 +563,34 @@ def test_a_guess_detour_fails_in_the_sandbox_and_trains_only_the_experts_steps()
             == [t for t in reference.labels if t != IGNORE])
 
 
+def record_cli_detours(tmp_path, capsys, option: str, key: str, seeds: tuple[int, int],
+                       bad: str) -> tuple[int, list[str], str, int, str]:
+    """Record instance 0 of two families through the CLI with `option` 1: (sessions
+    written, families of the records carrying `key`, stderr); then with `option` `bad`:
+    (exit code, stderr)."""
+    folder = tmp_path / "scenarios"
+    for seed in seeds:
+        write_scenario(build(seed, 0), folder)
+    out = tmp_path / "d.jsonl"
+    argv = ["--split", "train", "--scenarios", str(folder), "--out", str(out), option]
+    assert record_main([*argv, "1"]) == 0
+    sessions = read_sessions(out)
+    detoured = [s.extra["family"] for s in sessions if key in s.extra]
+    err = capsys.readouterr().err
+    code = record_main([*argv, bad])
+    return len(sessions), detoured, err, code, capsys.readouterr().err
+
+
 @needs_bwrap
 def test_record_cli_guesses_only_where_the_expert_looks_for_the_tool(tmp_path, capsys):
     unnamed = next(s for s in TRAIN if family_spec(s).naming == "unnamed")
     named = next(s for s in TRAIN if family_spec(s).naming == "named")
-    folder = tmp_path / "scenarios"
-    for seed in (unnamed, named):
-        write_scenario(build(seed, 0), folder)
-    out = tmp_path / "g.jsonl"
-    assert record_main(["--split", "train", "--scenarios", str(folder), "--guesses", "1",
-                        "--out", str(out)]) == 0
-    sessions = read_sessions(out)
-    guesses = [s.extra["family"] for s in sessions if "guess" in s.extra]
-    assert len(sessions) == 3 and guesses == [build(unnamed, 0).family]
-    assert "1 wrong guesses" in capsys.readouterr().err
-    assert record_main(["--split", "train", "--scenarios", str(folder), "--guesses", "-0.5",
-                        "--out", str(out)]) == 1
-    assert "--guesses must be a share from 0 to 1, got -0.5" in capsys.readouterr().err
+    n, guesses, err, code, bad_err = record_cli_detours(
+        tmp_path, capsys, "--guesses", "guess", (unnamed, named), "-0.5")
+    assert n == 3 and guesses == [build(unnamed, 0).family]
+    assert "1 wrong guesses" in err
+    assert code == 1
+    assert "--guesses must be a share from 0 to 1, got -0.5" in bad_err
 
 
 # Wrong-help detours: another way of asking the tool for help, refused, untrained
@@ -625,16 +636,9 @@ def test_a_wrong_help_detour_is_refused_and_trains_only_the_experts_steps():
 def test_record_cli_asks_wrong_only_where_the_expert_asks_for_help(tmp_path, capsys):
     asks = next(s for s in TRAIN if family_spec(s).docs == "help")
     never = next(s for s in TRAIN if family_spec(s).docs == "usage")  # runs the tool bare
-    folder = tmp_path / "scenarios"
-    for seed in (asks, never):
-        write_scenario(build(seed, 0), folder)
-    out = tmp_path / "w.jsonl"
-    assert record_main(["--split", "train", "--scenarios", str(folder), "--wrong-help", "1",
-                        "--out", str(out)]) == 0
-    sessions = read_sessions(out)
-    detoured = [s.extra["family"] for s in sessions if "wrong_help" in s.extra]
-    assert len(sessions) == 3 and detoured == [build(asks, 0).family]
-    assert "1 wrong help requests" in capsys.readouterr().err
-    assert record_main(["--split", "train", "--scenarios", str(folder), "--wrong-help", "2",
-                        "--out", str(out)]) == 1
-    assert "--wrong-help must be a share from 0 to 1, got 2" in capsys.readouterr().err
+    n, detoured, err, code, bad_err = record_cli_detours(
+        tmp_path, capsys, "--wrong-help", "wrong_help", (asks, never), "2")
+    assert n == 3 and detoured == [build(asks, 0).family]
+    assert "1 wrong help requests" in err
+    assert code == 1
+    assert "--wrong-help must be a share from 0 to 1, got 2" in bad_err

@@ -103,9 +103,11 @@ def load_model(
         model = Decoder(config)
     wanted = dict(model.named_parameters(remove_duplicate=False))
     if config.tie_embeddings:
-        # Tied: lm_head is the embedding matrix, whether or not the file also stores it.
+        # Tied: lm_head is the embedding matrix (a stored copy must equal it: check_tied_head).
         del wanted["lm_head.weight"]
     check_tensors(folder, config, index, wanted)
+    if config.tie_embeddings:
+        check_tied_head(index)
 
     for module_name, module in list(model.named_modules()):
         if load_4bit and BLOCK_LINEAR.match(module_name):
@@ -160,6 +162,29 @@ def check_tensors(folder: Path, config: ModelConfig, index: dict, wanted: dict) 
             f"place in {described}; config.json and the weights disagree, or the weights are "
             f"of a {config.model_type} variant sekft does not support"
         )
+
+
+def check_tied_head(index: dict) -> None:
+    """Raise CheckpointError when a tied checkpoint also stores an `lm_head.weight` that is
+    not the embedding matrix.
+
+    Such a head is one stack's model and not another's: transformers 5 keeps the stored head
+    (and warns), transformers 4 and vLLM tie it to the embeddings. A stored copy equal to the
+    embeddings is harmless. Reads both tensors once, through the memory map.
+    """
+    head = index.get("lm_head.weight")
+    if head is None:
+        return
+    embed = index["model.embed_tokens.weight"]
+    same_kind = (head.shape, head.dtype) == (embed.shape, embed.dtype)
+    if same_kind and torch.equal(read_tensor(head), read_tensor(embed)):
+        return
+    raise CheckpointError(
+        f"{head.file}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight', but "
+        "config.json has tie_word_embeddings true, so transformers 5 would use the stored "
+        "head and vLLM the embeddings; set tie_word_embeddings to false to use the stored "
+        "head, or delete lm_head.weight to use the embeddings"
+    )
 
 
 def parameter_count(model: nn.Module) -> int:

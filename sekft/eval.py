@@ -28,6 +28,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -193,6 +194,34 @@ def _script_output(done) -> str:
     return text[-2000:]
 
 
+def not_found(output: str, script: str) -> str | None:
+    """bash's first "SCRIPT: line N: NAME: command not found" in a script's output (the
+    script itself ran a command this machine lacks), from "line N" on; None if there is none.
+    """
+    pattern = rf"(?:^|/){re.escape(script)}: (line \d+: .+?: command not found)$"
+    found = re.search(pattern, output, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def check_warnings(episodes: list[Episode]) -> list[str]:
+    """One line per scenario whose check.sh ran a command that was not found.
+
+    Not a scenario error: the missing command may be one the model should have made (a
+    check that runs the tool it was asked to install). But when it is a tool this machine
+    lacks, every episode of the scenario fails, so the eval says so.
+    """
+    seen: dict[str, tuple[str, int, int]] = {}
+    for e in episodes:
+        if e.error is not None:
+            continue
+        missing = not_found(e.check_output, "check.sh")
+        said, k, n = seen.get(e.scenario, (None, 0, 0))
+        seen[e.scenario] = (said or missing, k + (missing is not None), n + 1)
+    return [f"warning: {scenario}: check.sh said {said!r} in {k} of {n} episodes; if it "
+            "needs a tool this machine lacks, every episode fails: install it or fix the check"
+            for scenario, (said, k, n) in seen.items() if said]
+
+
 def run_episode(scenario: Scenario, policy: Policy, config: EpisodeConfig,
                 run: str = "model") -> Episode:
     """One episode of `scenario` under `policy` (see the module docstring).
@@ -208,6 +237,12 @@ def run_episode(scenario: Scenario, policy: Policy, config: EpisodeConfig,
         if setup.returncode != 0:
             raise ScenarioError(f"{scenario.setup_script}: exited {setup.returncode}: "
                                 f"{_script_output(setup).strip()[-500:]!r}; fix the scenario")
+        # Without `set -e` a later line exits 0 and the world is silently incomplete.
+        missing = not_found((setup.stdout + setup.stderr).decode("utf-8", "replace"),
+                            "setup.sh")
+        if missing is not None:
+            raise ScenarioError(f"{scenario.setup_script}: {missing}: a tool the world needs "
+                                "is missing here; install it or fix the scenario")
         banner = (sandbox.world / "motd").read_bytes()
         with Shell(sandbox, kill_grace=config.kill_grace) as shell:
             episode.messages.append({"role": "user", "content": login(banner, shell.prompt())})
@@ -803,6 +838,8 @@ def _main(argv: list[str] | None) -> int:
     errors = [e for e in episodes if e.error]
     for e in errors:
         print(f"scenario error: {e.scenario}: {e.error}", file=sys.stderr)
+    for line in check_warnings(episodes):
+        print(line, file=sys.stderr)
     print(f"wrote {args.out}/results.json, transcripts.jsonl, report.html")
     return 0
 

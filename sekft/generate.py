@@ -21,13 +21,15 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
+from sekft.checkpoint import read_json
 from sekft.device import autocast
 from sekft.errors import ConfigError, TemplateError
 from sekft.eval import ContextExhausted, Policy, Reply
@@ -244,8 +246,14 @@ class DecodeBatcher:
 
 def content_candidates(body: str) -> list[str]:
     """Ways the template may have glued `body` in, most trimmed first: the glue goes, and the
-    content as generated is the last resort."""
-    return list(dict.fromkeys([body.strip(), body.lstrip(), body.rstrip(), body]))
+    content as generated is the last resort.
+
+    A template that writes a think block before the last turn's reply (Qwen3's empty
+    `<think>\n\n</think>\n\n`) makes the text after `</think>` the first candidate: the
+    command, as a server's reasoning parser would return it; the round trip decides.
+    """
+    after = [body.rsplit("</think>", 1)[1].strip()] if "</think>" in body else []
+    return list(dict.fromkeys([*after, body.strip(), body.lstrip(), body.rstrip(), body]))
 
 
 def reply_content(
@@ -277,6 +285,23 @@ def reply_content(
     )
 
 
+def checkpoint_stop_ids(folder: str | Path, hf_config: Mapping) -> frozenset[int]:
+    """The end-of-sequence ids a checkpoint declares: `eos_token_id` (one id or a list) of
+    its generation_config.json, else of its config.json; empty when neither has one.
+
+    transformers' generate and vLLM stop on these besides the tokenizer's eos: Llama 3.x
+    Instruct lists <|end_of_text|>, <|eom_id|> and <|eot_id|>, Qwen2.5/Qwen3 <|im_end|> and
+    <|endoftext|>, where the chat template and tokenizer name only one of them.
+    """
+    path = Path(folder) / "generation_config.json"
+    source = read_json(path) if path.is_file() else hf_config
+    eos = source.get("eos_token_id")
+    if eos is None and source is not hf_config:
+        eos = hf_config.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    return frozenset(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
 class ModelPolicy:
     """Our model as a policy; `base_only` runs it with its LoRA layers disabled (--baseline).
 
@@ -284,11 +309,14 @@ class ModelPolicy:
     next and prefills only the tokens a prompt adds to it. A later turn whose prompt does
     not extend the cached tokens (a reply that re-tokenizes differently, say) is prefilled
     whole and flagged on its Reply (`full_prefill`).
+
+    Generation stops at the template's end-of-turn tokens and at `stop_ids` (the
+    checkpoint's own, `checkpoint_stop_ids`); the reply's content ends before either.
     """
 
     def __init__(self, model: Decoder, tokenizer: Tokenizer, template: ChatTemplate,
                  sampling: Sampling, max_context: int, base_only: bool = False,
-                 reuse_cache: bool = True):
+                 reuse_cache: bool = True, stop_ids: frozenset[int] = frozenset()):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -296,7 +324,12 @@ class ModelPolicy:
         self.max_context = max_context
         self.base_only = base_only
         self.reuse_cache = reuse_cache
-        self.stop_ids = end_of_turn_ids(template, tokenizer)
+        stop_ids = {i for i in stop_ids if tokenizer.id_to_token(i) is not None}
+        self.stop_ids = end_of_turn_ids(template, tokenizer) | stop_ids
+        stop_texts = (tokenizer.decode([i], skip_special_tokens=False) for i in sorted(stop_ids))
+        self.end_strings = tuple(
+            dict.fromkeys([*template.end_of_turn_strings, *filter(None, stop_texts)])
+        )
         self.generator = torch.Generator().manual_seed(sampling.seed)
         self._local = threading.local()
         if base_only:
@@ -331,8 +364,8 @@ class ModelPolicy:
                                     min(self.sampling.max_new_tokens, room), self.sampling,
                                     self.generator, conversation)
         generated = self.tokenizer.decode(ids, skip_special_tokens=False)
-        content, violation = reply_content(messages, generated,
-                                           self.template.end_of_turn_strings, self.template)
+        content, violation = reply_content(messages, generated, self.end_strings,
+                                           self.template)
         if violation is None:
             violation = self._retokenize_check(messages, content, prompt_ids, ids)
         return Reply(content, tokens=len(ids), violation=violation, full_prefill=full_prefill)
@@ -445,9 +478,11 @@ def model_policies(base, args: argparse.Namespace) -> dict[str, Policy]:
     template = ChatTemplate(base.chat_template, base.special_tokens)
     sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
     max_context = args.max_context or base.config.max_position_embeddings
+    stop_ids = checkpoint_stop_ids(base.path, base.hf_config)
 
     def policy(base_only: bool) -> ModelPolicy:
-        return ModelPolicy(model, base.tokenizer, template, sampling, max_context, base_only)
+        return ModelPolicy(model, base.tokenizer, template, sampling, max_context, base_only,
+                           stop_ids=stop_ids)
 
     if args.adapter:
         try:

@@ -16,8 +16,15 @@ Spans come from renders, never from searching marker strings. Each rule of the c
 named check function (`check_serve_prefix`, `check_history`, `check_straddle`, `check_stop`,
 `check_early_stop`, `check_coverage`) that tests and the inspector call; violations are values
 {check, turn, detail}. A turn that fails serve-prefix, history or stop (early stop included)
-does not train at all (never guessed); straddling tokens do not train (and are errors under
+does not train in R (never guessed); straddling tokens do not train (and are errors under
 strict).
+
+A turn that fails only history (the template writes past turns differently from the last
+one: Qwen3 gives the last assistant turn an empty `<think>` block and drops it once a user
+turn follows) trains from its own render instead: H_i = render(m[:i+1]), in which P_i is what
+the server sent and the rest is what the model wrote, with only turn i trained. That example
+passes every check or the history violation stays. It costs a prefix of the session per
+rewritten turn; `own_renders=False` leaves those turns untrained.
 
 `python -m sekft.mask --inspect --data FILE --base DIR` shows what trains.
 """
@@ -95,10 +102,18 @@ class Encoded:
     spans: list[Span]
     straddles: list[int]
     violations: list[Violation] = field(default_factory=list)
+    # Turns the full render rewrites, each trained from its own render (module docstring).
+    own_renders: list[Encoded] = field(default_factory=list)
 
     @property
     def trained_tokens(self) -> int:
+        """Trained tokens of R alone (each own render counts its own)."""
         return sum(label != IGNORE for label in self.labels)
+
+    @property
+    def parts(self) -> list[Encoded]:
+        """What trains for this session: R, then each own render (turn order)."""
+        return [self, *self.own_renders]
 
     @property
     def failed(self) -> bool:
@@ -421,6 +436,7 @@ def encode_sessions(
     strict: bool = False,
     normalize: bool = True,
     names: Sequence[str] | None = None,
+    own_renders: bool = True,
 ) -> list[Encoded]:
     """`encode_session` for many sessions, tokenizing them together in batched calls.
 
@@ -453,10 +469,15 @@ def encode_sessions(
         names, prepared, all_renders, encodings, strict=True
     ):
         per_turn = {turn: next(prompt_ids) for turn in renders.prompts}
+        untrained = untrained_turns(messages)
         encoded = mask_session(messages, renders, ids, offsets, ends, per_turn, eot_ids,
-                               template.end_of_turn_strings, untrained_turns(messages))
-        if strict and encoded.violations:
-            v = encoded.violations[0]
+                               template.end_of_turn_strings, untrained)
+        if own_renders:
+            train_own_renders(encoded, renders, tokenizer, eot_ids, template.end_of_turn_strings,
+                              untrained)
+        found = [v for part in encoded.parts for v in part.violations]
+        if strict and found:
+            v = found[0]
             raise MaskError(f"{name}: turn {v.turn}: check {v.check} failed: {v.detail} "
                             "(see it with python -m sekft.mask --inspect)")
         results.append(encoded)
@@ -470,14 +491,59 @@ def encode_session(
     strict: bool = False,
     normalize: bool = True,
     name: str = "session",
+    own_renders: bool = True,
 ) -> Encoded:
     """input_ids and labels of one session, with every check's violations.
 
     `messages` are normalized first (normalize_for_template) unless normalize=False; turn
     numbers refer to `Encoded.messages`. strict=True raises MaskError on any violation,
     straddles included. Raises TemplateError (naming `name` and the turn) when the template does.
+    Turns the full render rewrites train from their own renders unless own_renders=False.
     """
-    return encode_sessions([messages], template, tokenizer, strict, normalize, [name])[0]
+    return encode_sessions([messages], template, tokenizer, strict, normalize, [name],
+                           own_renders)[0]
+
+
+def train_own_renders(
+    encoded: Encoded,
+    renders: Renders,
+    tokenizer: Tokenizer,
+    eot_ids: frozenset[int],
+    end_strings: Sequence[str],
+    untrained: frozenset[int],
+) -> None:
+    """Give each turn of `encoded` that fails only the history check its own render.
+
+    For such a turn i, H_i = render(m[:i+1]) is tokenized whole and masked with turn i as its
+    only assistant turn (P_i, its serve prefix, is checked against H_i as usual). If nothing
+    but straddles is found, the example joins `encoded.own_renders` and the history violation
+    is dropped; otherwise the violation stays, naming what the own render failed. Weight-0
+    turns are left as they are.
+    """
+    rewritten = [v for v in encoded.violations if v.check == "history"
+                 and v.turn not in untrained
+                 and all(w.check in ("history", "straddle") for w in encoded.violations
+                         if w.turn == v.turn)]
+    for violation in rewritten:
+        turn = violation.turn
+        text = renders.histories[turn]
+        own = Renders(text, {turn: renders.prompts[turn]}, {turn: text})
+        e = tokenizer.encode(text, add_special_tokens=False)
+        ids, offsets = e.ids, e.offsets
+        ends = list(map(itemgetter(1), offsets))
+        (per_turn,) = prompt_token_ids(tokenizer, [own.prompts[turn]], [text],
+                                       [(ids, offsets, ends)])
+        part = mask_session(encoded.messages[: turn + 1], own, ids, offsets, ends,
+                            {turn: per_turn}, eot_ids, end_strings)
+        encoded.violations.remove(violation)
+        if part.failed:
+            first = next(v for v in part.violations if v.check != "straddle")
+            encoded.violations.append(Violation(
+                "history", turn, f"{violation.detail}; its own render fails too: "
+                f"{first.check}: {first.detail}"))
+        else:
+            encoded.own_renders.append(part)
+    encoded.violations.sort(key=lambda v: (v.turn, CHECKS.index(v.check)))
 
 
 def mask_session(
@@ -597,6 +663,9 @@ def session_record(index: int, encoded: Encoded, tokenizer: Tokenizer) -> dict:
         "trained_tokens": len(trained),
         "straddles": len(encoded.straddles),
         "violations": [asdict(v) for v in encoded.violations],
+        # Turns trained from their own render (render through the turn, only it trained).
+        "own_renders": [{"turn": own.spans[0].turn, **session_record(index, own, tokenizer)}
+                        for own in encoded.own_renders],
     }
 
 
@@ -635,23 +704,27 @@ def inspect_sessions(
     report = InspectReport()
     for index, encoded in zip(indices, encode_sessions(sessions, template, tokenizer,
                                                        names=names), strict=True):
-        failed = bool(encoded.violations) if strict else encoded.failed
+        parts = encoded.parts
+        violations = [v for part in parts for v in part.violations]
+        failed = bool(violations) if strict else any(part.failed for part in parts)
         report.sessions += 1
-        report.tokens += len(encoded.input_ids)
-        report.trained_tokens += encoded.trained_tokens
-        report.straddles += len(encoded.straddles)
-        report.violations += len(encoded.violations)
+        report.tokens += sum(len(part.input_ids) for part in parts)
+        report.trained_tokens += sum(part.trained_tokens for part in parts)
+        report.straddles += sum(len(part.straddles) for part in parts)
+        report.violations += len(violations)
         report.failed |= failed
         if as_json:
             out.write(json.dumps(session_record(index, encoded, tokenizer)) + "\n")
             continue
-        out.write(f"=== session {index}: {len(encoded.input_ids)} tokens, "
-                  f"{encoded.trained_tokens} trained, {len(encoded.straddles)} straddles, "
-                  f"{len(encoded.violations)} violations\n")
-        out.write(highlight(encoded, color) + "\n")
-        for v in encoded.violations:
-            out.write(f"  {'FAIL' if failed and (strict or v.check != 'straddle') else 'note'} "
-                      f"turn {v.turn} {v.check}: {v.detail}\n")
+        for n, part in enumerate(parts):
+            own = f" (turn {part.spans[0].turn}, trained from its own render)" if n else ""
+            out.write(f"=== session {index}{own}: {len(part.input_ids)} tokens, "
+                      f"{part.trained_tokens} trained, {len(part.straddles)} straddles, "
+                      f"{len(part.violations)} violations\n")
+            out.write(highlight(part, color) + "\n")
+            for v in part.violations:
+                out.write(f"  {'FAIL' if failed and (strict or v.check != 'straddle') else 'note'}"
+                          f" turn {v.turn} {v.check}: {v.detail}\n")
     if not as_json:
         verdict = "FAILED" if report.failed else "ok"
         out.write(f"=== {report.sessions} sessions, {report.tokens} tokens, "

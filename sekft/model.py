@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from sekft.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 # SDPA's own grouped-query attention (torch 2.5+) reads each key/value head for its group
 # of query heads; without it k/v are repeated, and their backward is a sum over the copies.
@@ -32,7 +32,8 @@ class ModelConfig:
 
     `sliding_windows[i]` is layer i's attention window (a query sees itself and the
     `window - 1` tokens before it) or None for full causal attention.
-    `rope_scaling` is None or a dict with `rope_type` ("linear" or "llama3") and its fields.
+    `rope_scaling` is None or a dict with `rope_type` ("linear", "llama3" or "yarn") and its
+    fields, yarn's with transformers' defaults filled in (see `_yarn_scaling`).
     `qkv_bias`, `o_bias` and `mlp_bias` say which linears have a bias (see `_biases`).
     """
 
@@ -83,6 +84,16 @@ class ModelConfig:
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} is not supported; supported: silu")
+        quantized = config.get("quantization_config")
+        if quantized:
+            # Pre-quantized weights (bnb-4bit, AWQ, GPTQ, FP8 exports) are packed integers whose
+            # shapes no float layer has; without this the first shape check blamed the config.
+            method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+            raise ConfigError(
+                f"{source}: quantization_config (quant_method {method!r}) is not supported; "
+                "sekft reads floating-point weights: use the unquantized checkpoint "
+                "(load_4bit quantizes it to NF4 as it loads)"
+            )
         hidden = field("hidden_size")
         heads = field("num_attention_heads")
         kv_heads = field("num_key_value_heads", default=heads)
@@ -91,9 +102,11 @@ class ModelConfig:
                 f"{source}: num_attention_heads {heads} is not a multiple of "
                 f"num_key_value_heads {kv_heads}"
             )
-        head_dim = config.get("head_dim") or hidden // heads
+        # Without a head_dim, transformers' Qwen3 takes 128, the others hidden / heads.
+        head_dim = config.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)
         layers = field("num_hidden_layers")
-        rope_theta, rope_scaling = _rope_config(config, source)
+        max_positions = field("max_position_embeddings", default=4096)
+        rope_theta, rope_scaling = _rope_config(config, source, max_positions)
         is_qwen = model_type in ("qwen2", "qwen3")
         qkv_bias, o_bias, mlp_bias = _biases(config, model_type)
         return cls(
@@ -114,7 +127,7 @@ class ModelConfig:
             mlp_bias=mlp_bias,
             qk_norm=model_type == "qwen3",
             sliding_windows=_sliding_windows(config, model_type, layers, is_qwen),
-            max_position_embeddings=field("max_position_embeddings", default=4096),
+            max_position_embeddings=max_positions,
         )
 
 
@@ -134,8 +147,12 @@ def _biases(config: dict, model_type: str) -> tuple[bool, bool, bool]:
     return attention, attention, mlp
 
 
-def _rope_config(config: dict, source: str) -> tuple[float, dict | None]:
-    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`."""
+def _rope_config(config: dict, source: str, max_positions: int) -> tuple[float, dict | None]:
+    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`.
+
+    `max_positions` (max_position_embeddings) stands in for a yarn scaling's missing
+    `original_max_position_embeddings`, as transformers does.
+    """
     params = config.get("rope_parameters") or {}
     if "full_attention" in params:
         raise ConfigError(f"{source}: per-layer rope_parameters are not supported")
@@ -149,6 +166,8 @@ def _rope_config(config: dict, source: str) -> tuple[float, dict | None]:
         )
     if rope_type == "default":
         return theta, None
+    if rope_type == "yarn":
+        return theta, _yarn_scaling(scaling, source, max_positions)
     needed = ["factor"] + (
         ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
         if rope_type == "llama3"
@@ -160,17 +179,59 @@ def _rope_config(config: dict, source: str) -> tuple[float, dict | None]:
     return theta, {"rope_type": rope_type, **{key: scaling[key] for key in needed}}
 
 
+def _yarn_scaling(scaling: dict, source: str, max_positions: int) -> dict:
+    """A yarn `rope_scaling` with transformers' defaults filled in and its cos/sin scale.
+
+    Keys as transformers reads them: `factor` (required), `original_max_position_embeddings`
+    (default max_position_embeddings), `beta_fast` 32 and `beta_slow` 1 (also when 0 or
+    null), `truncate` True, and `attention_factor`: given, else
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set and non-zero,
+    else mscale(factor), where mscale(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1).
+    """
+    if scaling.get("factor") is None:
+        raise ConfigError(f"{source}: rope scaling of type 'yarn' lacks 'factor'")
+    if "attn_factor" in scaling:
+        # vLLM multiplies its cos/sin scale by `attn_factor`; transformers ignores the key, so
+        # the two would run different models (DeepSeek-R1-0528-Qwen3-8B ships one).
+        raise ConfigError(
+            f"{source}: rope scaling 'attn_factor' is not supported (vLLM applies it, "
+            "transformers ignores it); give the cos/sin scale as 'attention_factor' instead"
+        )
+    factor = float(scaling["factor"])
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    return {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": scaling.get(
+            "original_max_position_embeddings", max_positions
+        ),
+        "beta_fast": scaling.get("beta_fast") or 32,
+        "beta_slow": scaling.get("beta_slow") or 1,
+        "truncate": scaling.get("truncate", True),
+        "attention_factor": float(attention),
+    }
+
+
 def _sliding_windows(
     config: dict, model_type: str, layers: int, is_qwen: bool
 ) -> tuple[int | None, ...]:
-    window = config.get("sliding_window")
     if model_type == "mistral":
-        return (window,) * layers
+        # A missing key is transformers' default window, 4096; null means full attention.
+        return (config.get("sliding_window", 4096),) * layers
+    window = config.get("sliding_window")
     if is_qwen and config.get("use_sliding_window") and window:
-        # Qwen applies the window from layer `max_window_layers` on, as transformers does.
+        # Qwen applies the window from layer `max_window_layers` on (default 28), as
+        # transformers does.
         types = config.get("layer_types") or [
             "sliding_attention"
-            if i >= config.get("max_window_layers", layers)
+            if i >= config.get("max_window_layers", 28)
             else "full_attention"
             for i in range(layers)
         ]
@@ -225,7 +286,9 @@ def rope_frequencies(
     inv_freq[i] = theta ** (-2i / head_dim); `linear` scaling divides them all by `factor`;
     `llama3` divides the low frequencies (wavelength > original_len / low_freq_factor) by
     `factor`, keeps the high ones (wavelength < original_len / high_freq_factor), and
-    interpolates smoothly in between.
+    interpolates smoothly in between; `yarn` ramps linearly, over the dims that turn between
+    beta_fast and beta_slow times in original_len positions, from kept (fast dims) to divided
+    by `factor` (slow dims). (Yarn also scales cos and sin: `rope_attention_factor`.)
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
@@ -234,6 +297,8 @@ def rope_frequencies(
     factor = scaling["factor"]
     if scaling["rope_type"] == "linear":
         return inv_freq / factor
+    if scaling["rope_type"] == "yarn":
+        return _yarn_frequencies(inv_freq, head_dim, theta, scaling)
     old_len = scaling["original_max_position_embeddings"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
@@ -244,17 +309,46 @@ def rope_frequencies(
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn_frequencies(
+    inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: dict
+) -> torch.Tensor:
+    """Yarn's blend of `inv_freq` [head_dim // 2] and inv_freq / factor, as transformers."""
+    old_len = scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:
+        # The dim whose frequency turns `rotations` times over the original context.
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling["beta_fast"]), dim_of(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    dims = torch.arange(head_dim // 2, dtype=torch.float32, device=inv_freq.device)
+    kept = 1 - ((dims - low) / (high - low)).clamp(0, 1)
+    return inv_freq / scaling["factor"] * (1 - kept) + inv_freq * kept
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """The factor cos and sin are multiplied by: yarn's `attention_factor`, else 1."""
+    return scaling.get("attention_factor", 1.0) if scaling else 1.0
+
+
 def rope_cos_sin(
-    inv_freq: torch.Tensor, position_ids: torch.Tensor
+    inv_freq: torch.Tensor, position_ids: torch.Tensor, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables for `position_ids` [B, T]: each float32 [B, T, head_dim].
+    """cos and sin tables for `position_ids` [B, T]: each float32 [B, T, head_dim], times
+    `scale` (`rope_attention_factor`).
 
     The two halves of the head dim share frequencies (the "rotate half" layout of HF
     checkpoints, not interleaved pairs).
     """
     angles = position_ids.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    if scale == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def sdpa_broadcasts_heads(q: torch.Tensor, masked: bool) -> bool:
@@ -569,7 +663,8 @@ class Decoder(nn.Module):
         inv_freq = rope_frequencies(
             self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, device
         )
-        cos, sin = rope_cos_sin(inv_freq, position_ids)
+        scale = rope_attention_factor(self.config.rope_scaling)
+        cos, sin = rope_cos_sin(inv_freq, position_ids, scale)
         step = self._step(cos.to(x.dtype), sin.to(x.dtype), past, doc_ids, k_doc, cache)
         checkpointing = self.grad_ckpt and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
@@ -597,7 +692,8 @@ class Decoder(nn.Module):
             self.config.head_dim, self.config.rope_theta, self.config.rope_scaling,
             input_ids.device,
         )
-        cos, sin = rope_cos_sin(inv_freq, positions)
+        scale = rope_attention_factor(self.config.rope_scaling)
+        cos, sin = rope_cos_sin(inv_freq, positions, scale)
         step = _Step(cos.to(x.dtype), sin.to(x.dtype), {}, False, None, rows=caches)
         for block in self.model.layers:
             x = block(x, step)

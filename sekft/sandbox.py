@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sekft.errors import SandboxError, ScenarioError
-from sekft.scenario import WORLD_ENTRIES
+from sekft.scenario import WORLD_ENTRIES, shebang_options
 
 USER = "user"
 UID = 1000
@@ -504,7 +504,8 @@ class Sandbox:
 
     def run_script(self, script: Path, env: dict[str, str], timeout: float,
                    readonly: dict[str, Path]) -> subprocess.CompletedProcess:
-        """Run `bash script` (a staged scenario's setup.sh or check.sh), no terminal.
+        """Run `bash [OPTIONS] script` (a staged scenario's setup.sh or check.sh, OPTIONS from
+        its `#!/bin/bash -e` line), no terminal.
 
         `readonly` must bind the staged scenario folder at SCENARIO_DIR. Raises ScenarioError
         when the script runs past `timeout` seconds.
@@ -519,7 +520,11 @@ class Sandbox:
             env = {**env, "SEKFT_SCENARIO": SCENARIO_DIR}
             if TRANSCRIPT_PATH in readonly:
                 env["SEKFT_TRANSCRIPT"] = TRANSCRIPT_PATH
-        argv = self.argv(["/bin/bash", path], readonly)
+        # The options of a `#!/bin/bash -e` line, which `bash script` alone would ignore.
+        with open(script, "rb") as f:
+            first = f.readline().decode("utf-8", "replace").rstrip("\n")
+        options = shebang_options(first) or []
+        argv = self.argv(["/bin/bash", *options, path], readonly)
         try:
             return subprocess.run(argv, env=self.env(env), cwd=self.cwd(), capture_output=True,
                                   timeout=timeout, stdin=subprocess.DEVNULL,

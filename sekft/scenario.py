@@ -48,10 +48,22 @@ USER=LOGNAME=user, SHELL=/bin/bash, PATH=/usr/local/bin:/usr/local/sbin:/usr/bin
 TERM=dumb, PAGER=MANPAGER=GIT_PAGER=cat, LANG=C.UTF-8, COLUMNS=MANWIDTH=80, LINES=50
 (an 80x50 terminal). No network, no /root, no host /tmp.
 
+setup.sh and check.sh are bash scripts, run by bash whatever their mode: a `#!` line may
+name bash or sh (directly or through env) with options, which are passed on (`#!/bin/bash -eu`
+runs as `bash -eu setup.sh`); one naming another interpreter (`#!/usr/bin/env python3`) is an
+error, as are Windows line ends (CRLF: bash would read each "\r" as part of a command) and a
+symbolic link that leaves the folder (the sandbox sees only the folder). Only `set` options
+are taken (`-e`, `-u`, `-x`, `-o pipefail`...): others would change what bash runs.
+scenario.json may start with a UTF-8 BOM. In `files/`, home, local, mail and tmp must be
+folders and motd a file.
+
 setup.sh runs as `bash setup.sh` with cwd /home/user and, in addition,
 SEKFT_SCENARIO=/opt/sekft/scenario: this folder, read-only (only during setup and check, so
-the model cannot read check.sh). A non-zero exit, or running past the setup timeout, is a
-scenario error: reported as such, never counted as a model failure.
+the model cannot read check.sh). A non-zero exit, running past the setup timeout, or bash
+reporting a command of setup.sh itself as not found (a tool the world needs is missing, even
+when a later line exits 0) is a scenario error: reported as such, never counted as a model
+failure. The world setup.sh leaves is its files: processes it starts in the background end
+with it (each script and the shell run in a sandbox of their own), so no service outlives it.
 
 check.sh runs as `bash check.sh` over the final world after the episode, cwd /home/user,
 with SEKFT_SCENARIO as above and:
@@ -92,6 +104,9 @@ REQUIRED_KEYS = (
     "id", "family", "split", "expect", "turn_budget", "command_timeout", "description",
 )
 OPTIONAL_KEYS = ("meta",)
+SCRIPTS = ("setup.sh", "check.sh")
+# Interpreters whose scripts bash runs as meant: `#!` lines naming these are fine.
+SHELLS = ("bash", "sh")
 
 
 @dataclass(frozen=True)
@@ -186,6 +201,79 @@ def parse_scenario_json(text: str, where: str) -> dict:
     }
 
 
+def shebang_options(first_line: str) -> list[str] | None:
+    """The bash options a script's first line asks for: [] for no `#!` line or a plain
+    `#!/bin/bash`, `["-e", "-u"]` for `#!/bin/bash -e -u`, `["-o", "pipefail"]` for
+    `#!/usr/bin/env -S bash -o pipefail`; None when the line names an interpreter other than
+    bash or sh, or options other than `set`'s (the script would not run as written)."""
+    if not first_line.startswith("#!"):
+        return []
+    words = first_line[2:].split()
+    if words and Path(words[0]).name == "env":
+        words = words[1:]
+        while words and words[0].startswith("-"):  # env's own options (-S splits the rest)
+            words = words[1:]
+    if not words or Path(words[0]).name not in SHELLS:
+        return None
+    options = words[1:]
+    # Only `set` options: a `-c`, `-i` or `--rcfile` would change what bash runs.
+    for k, word in enumerate(options):
+        after_o = k > 0 and options[k - 1] in ("-o", "+o")
+        if not (after_o or re.fullmatch(r"[-+][abefhkmnptuvxBCHP]+|[-+]o", word)):
+            return None
+    return options
+
+
+def check_script(folder: Path, name: str) -> None:
+    """Refuse a script that `bash NAME` in the sandbox would not run as its author meant:
+    a symbolic link leaving the folder, Windows line ends, or a `#!` line naming an
+    interpreter other than bash or sh (bash would read the rest as shell).
+
+    Each is an error naming the file (and line), rather than an episode that fails for
+    everyone: a CRLF check.sh fails every test it makes (`[ a = a ]\r`).
+    """
+    path = folder / name
+    if path.is_symlink():
+        target = Path(path.readlink())
+        inside = (path.parent / target).resolve().is_relative_to(folder.resolve())
+        if target.is_absolute() or not inside:
+            raise ScenarioError(f"{path}: a symbolic link to {str(target)!r}, which the sandbox "
+                                "cannot see (it sees only the scenario folder); copy the file "
+                                "in, or link relatively inside the folder")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read ({e.strerror})") from None
+    if b"\r\n" in data:
+        line = data.count(b"\n", 0, data.index(b"\r\n")) + 1
+        raise ScenarioError(f"{path}:{line}: Windows line ends (CRLF); bash would read each "
+                            "'\\r' as part of a command: convert the file (dos2unix)")
+    first = data.split(b"\n", 1)[0].decode("utf-8", "replace")
+    if shebang_options(first) is None:
+        raise ScenarioError(f"{path}:1: {first!r}: scenario scripts run as `bash {name}`, "
+                            "so they must be bash, with `set` options at most (they may call "
+                            "other programs)")
+
+
+def check_files(files: Path) -> None:
+    """`files/` must be a folder whose top-level entries are world entries of the right kind:
+    home, local, mail and tmp folders, motd a file (no symbolic links: each is copied onto
+    the world's own entry)."""
+    if not files.is_dir() or files.is_symlink():
+        raise ScenarioError(f"{files}: must be a folder mirroring the world")
+    stray = sorted(p.name for p in files.iterdir() if p.name not in WORLD_ENTRIES)
+    if stray:
+        raise ScenarioError(f"{files}: unexpected {stray}; files/ may only hold "
+                            f"{list(WORLD_ENTRIES)} (it mirrors the world)")
+    for entry in files.iterdir():
+        want_file = entry.name == "motd"
+        right_kind = entry.is_file() if want_file else entry.is_dir()
+        if entry.is_symlink() or not right_kind:
+            kind = "a file (the login banner)" if want_file else "a folder"
+            raise ScenarioError(f"{entry}: must be {kind}, not a symbolic link or anything "
+                                f"else; it is copied onto the world's own {entry.name}")
+
+
 def load_scenario(folder: str | Path) -> Scenario:
     """Load and validate one scenario folder; raises ScenarioError naming file and field."""
     folder = Path(folder)
@@ -197,19 +285,17 @@ def load_scenario(folder: str | Path) -> Scenario:
                             f"{list(REQUIRED_FILES)} (and optionally files/)")
     where = str(folder / "scenario.json")
     try:
-        text = (folder / "scenario.json").read_text(encoding="utf-8")
+        # utf-8-sig: Windows editors start the file with a BOM, which json refuses.
+        text = (folder / "scenario.json").read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ScenarioError(f"{where}: not UTF-8 (byte {e.start} is {e.object[e.start]:#04x}); "
                             "save it as UTF-8") from None
     fields = parse_scenario_json(text, where)
+    for name in SCRIPTS:
+        check_script(folder, name)
     files = folder / "files"
-    if files.exists():
-        if not files.is_dir():
-            raise ScenarioError(f"{files}: must be a folder mirroring the world")
-        stray = sorted(p.name for p in files.iterdir() if p.name not in WORLD_ENTRIES)
-        if stray:
-            raise ScenarioError(f"{files}: unexpected {stray}; files/ may only hold "
-                                f"{list(WORLD_ENTRIES)} (it mirrors the world)")
+    if files.exists() or files.is_symlink():
+        check_files(files)
     return Scenario(path=folder.resolve(), **fields)
 
 
@@ -224,7 +310,10 @@ def load_scenarios(root: str | Path, split: str | None = None) -> list[Scenario]
         raise ScenarioError(f"{root}: scenarios folder does not exist")
     if split is not None:
         _choice("--split", "split", split, SPLITS)
-    folders = sorted(p.parent for p in root.rglob("scenario.json"))
+    found = {p.parent for p in root.rglob("scenario.json")}
+    # A scenario.json under a scenario's files/ is part of its world, not a scenario.
+    folders = sorted(f for f in found
+                     if not any(p.name == "files" and p.parent in found for p in f.parents))
     scenarios = [load_scenario(f) for f in folders]
     seen: dict[str, Path] = {}
     for s in scenarios:

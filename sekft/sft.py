@@ -167,32 +167,39 @@ def prepare_data(cfg: TrainConfig, template, tokenizer) -> TrainData:
         [s.messages for s in sessions], template, tokenizer, strict=cfg.strict, names=sources
     )
     digest = hashlib.sha256()
-    examples, kept, untrained, violations = [], [], [], 0
+    # One group of examples per session: its render, then a render of its own for each turn
+    # the template rewrites once later turns exist (sekft.mask: Qwen3's think blocks).
+    groups, kept, untrained, overlong, violations = [], [], [], [], 0
     for index, (session, source, enc) in enumerate(zip(sessions, sources, encoded, strict=True)):
         digest.update(json.dumps(enc.messages, sort_keys=True).encode() + b"\n")
-        example = Example(enc.input_ids, enc.labels, source)
-        if example.n_trained == 0:
+        parts = [Example(enc.input_ids, enc.labels, source)] + [
+            Example(own.input_ids, own.labels, f"{source} turn {own.spans[0].turn}")
+            for own in enc.own_renders
+        ]
+        parts = [e for e in parts if e.n_trained]
+        if not parts:
             has_turn = any(m["role"] == "assistant" for m in enc.messages)
             why = "trains no token" if has_turn else "has no assistant turn"
             untrained.append(f"{source} {why}")
             continue
-        violations += len(enc.violations)
-        examples.append(example)
-        kept.append((index, dataclasses.replace(session, messages=enc.messages)))
+        violations += sum(len(part.violations) for part in enc.parts)
+        fit, too_long = drop_overlong(parts, cfg.max_len, cfg.strict)
+        overlong += too_long
+        if fit:
+            groups.append(fit)
+            kept.append((index, dataclasses.replace(session, messages=enc.messages)))
     if untrained and cfg.strict:
         raise DataError(f"{untrained[0]}: nothing to train on; remove it or drop --strict")
-    fits, overlong = drop_overlong(examples, cfg.max_len, cfg.strict)
-    if not fits:
+    if not groups:
         raise DataError(
             f"{cfg.data}: no session left to train on ({len(untrained)} have nothing to train, "
             f"{len(overlong)} exceed --max-len {cfg.max_len})"
         )
-    too_long = {e.source for e in overlong}
-    kept = [k for k, e in zip(kept, examples, strict=True) if e.source not in too_long]
-    held_out = split_validation(len(fits), cfg.val_fraction, cfg.seed)
+    # Validation holds out whole sessions, so no turn of a held-out session trains.
+    held_out = split_validation(len(groups), cfg.val_fraction, cfg.seed)
     return TrainData(
-        train=[e for i, e in enumerate(fits) if i not in held_out],
-        val=[e for i, e in enumerate(fits) if i in held_out],
+        train=[e for i, group in enumerate(groups) if i not in held_out for e in group],
+        val=[e for i, group in enumerate(groups) if i in held_out for e in group],
         sessions=kept,
         untrained=untrained,
         overlong=overlong,

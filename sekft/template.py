@@ -170,12 +170,14 @@ class ChatTemplate:
         name: str | None = None,
         special_tokens: Mapping[str, str] | None = None,
     ) -> ChatTemplate:
-        """The chat template saved in `folder` (or a `.jinja` / `tokenizer_config.json` file).
+        """The chat template saved in `folder` (or a `.jinja`, `tokenizer_config.json` or
+        `chat_template.json` file).
 
         Looks where transformers looks: `chat_template.jinja` and
         `additional_chat_templates/*.jinja` first, else `tokenizer_config.json`'s
-        `chat_template` (a string or a list of named templates). `name` picks a named
-        template; without it the default one. Special tokens come from the folder unless given.
+        `chat_template` (a string or a list of named templates), else a processor's
+        `chat_template.json` (see `find_templates`). `name` picks a named template; without it
+        the default one. Special tokens come from the folder unless given.
         """
         path = Path(folder)
         templates = find_templates(path)
@@ -184,8 +186,8 @@ class ChatTemplate:
             special_tokens = load_special_tokens(token_folder)
         if not templates:
             raise TemplateError(
-                f"{path}: no chat template (chat_template.jinja or tokenizer_config.json "
-                "'chat_template'); pass --template with the model's template"
+                f"{path}: no chat template (chat_template.jinja, tokenizer_config.json "
+                "'chat_template' or chat_template.json); pass --template with the model's template"
             )
         wanted = name or "default"
         if wanted not in templates:
@@ -209,10 +211,8 @@ class ChatTemplate:
                 where = f"turn {turn} (role {messages[turn].get('role')!r})"
             else:
                 where = "the generation prompt"
-            raise TemplateError(
-                f"chat template failed at {where}: {e} (most templates need the session "
-                "normalized: normalize_for_template folds system and merges same-role turns)"
-            ) from e
+            hint = failure_hint(messages)
+            raise TemplateError(f"chat template failed at {where}: {e}; {hint}") from e
 
     def render_raw(
         self, messages: Sequence[Mapping], add_generation_prompt: bool = False, **variables
@@ -246,21 +246,49 @@ class ChatTemplate:
 
 
 def find_templates(path: Path) -> dict[str, str]:
-    """All chat templates saved at `path` (folder or file), by name; "default" is the main one."""
+    """All chat templates saved at `path` (folder or file), by name; "default" is the main one.
+
+    A folder is read as transformers' tokenizer reads it (`tokenizer_templates`). A processor's
+    `chat_template.json` ({"chat_template": ...}) is the fallback: multimodal checkpoints (Gemma
+    3 4B and up) ship their template only there, and servers read it through the processor.
+    When both exist and their default templates differ, which one a server renders with
+    depends on whether it loads a processor, so the folder is refused (pass --template).
+    A file is read by its kind: `.jinja` is the template itself, any other is JSON with a
+    `chat_template` field (tokenizer_config.json, chat_template.json).
+    """
     if path.is_file():
         if path.suffix == ".jinja":
             return {"default": path.read_text(encoding="utf-8")}
         return config_templates(path)
+    templates = tokenizer_templates(path)
+    processor_file = path / "chat_template.json"
+    if not processor_file.is_file():
+        return templates
+    processor = config_templates(processor_file)
+    if not templates:
+        return processor
+    if processor.get("default", templates.get("default")) != templates.get("default"):
+        raise TemplateError(
+            f"{path}: chat_template.json and the tokenizer's template (chat_template.jinja or "
+            "tokenizer_config.json) differ, and a server may render with either; pass "
+            "--template with the file the server uses"
+        )
+    return templates
+
+
+def tokenizer_templates(folder: Path) -> dict[str, str]:
+    """The templates transformers' tokenizer loads from `folder`: `chat_template.jinja` and
+    `additional_chat_templates/*.jinja`, else `tokenizer_config.json`'s `chat_template`."""
     templates: dict[str, str] = {}
-    if (path / "chat_template.jinja").is_file():
-        templates["default"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
-    extra = path / "additional_chat_templates"
+    if (folder / "chat_template.jinja").is_file():
+        templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    extra = folder / "additional_chat_templates"
     if extra.is_dir():
         for file in sorted(extra.glob("*.jinja")):
             templates[file.stem] = file.read_text(encoding="utf-8")
     if templates:
         return templates
-    config = path / "tokenizer_config.json"
+    config = folder / "tokenizer_config.json"
     return config_templates(config) if config.is_file() else {}
 
 
@@ -280,6 +308,30 @@ def config_templates(config_path: Path) -> dict[str, str]:
         f"{config_path}: field 'chat_template' must be a string or a list of "
         "{'name', 'template'} objects"
     )
+
+
+def failure_hint(messages: Sequence[Mapping]) -> str:
+    """What to look at when a template raises on `messages`: the session's form when it is not
+    normalized, else what the template needs beyond the messages (a tool-use template iterates
+    `tools`, which sekft passes as None, and fails at the first turn whatever it holds)."""
+    if not is_normalized(messages):
+        return ("most templates need the session normalized: normalize_for_template folds "
+                "system and merges same-role turns")
+    return ("the session is already normalized, so the template refuses its turns as they are "
+            "(a later system turn is left to it), or needs variables sekft does not pass (tools "
+            "and documents are None), or is not the model's plain-chat template (--template-name)")
+
+
+def is_normalized(messages: Sequence[Mapping]) -> bool:
+    """True when `normalize_for_template` would leave the roles and contents of `messages` as
+    they are (False for messages it cannot read)."""
+    try:
+        normalized = normalize_for_template(messages)
+    except (KeyError, TypeError, AttributeError):
+        return False
+    return [(m["role"], m["content"]) for m in normalized] == [
+        (m.get("role"), m.get("content")) for m in messages
+    ]
 
 
 def join_contents(first: str, second: str, joiner: str) -> str:

@@ -376,3 +376,18 @@ def test_a_failed_batched_forward_reaches_every_waiting_caller(tiny_llama, monke
     assert batcher.generate([1, 2, 3], frozenset(), 2, GREEDY, torch.Generator(),
                             Conversation([], KVCache(layers))) == generate_ids(
         base.model, [1, 2, 3], frozenset(), 2, GREEDY, torch.Generator())
+
+
+QWEN3 = Path(__file__).parent / "fixtures/templates/qwen3-0.6b/chat_template.jinja"
+
+
+def test_a_qwen3_reply_is_the_command_after_its_empty_think_block():
+    """Qwen3's template writes `<think>\\n\\n</think>\\n\\n` before the last reply: the command
+    alone round-trips (the shell must not be sent the think block)."""
+    template = ChatTemplate(QWEN3.read_text(encoding="utf-8"), {"eos_token": "<|im_end|>"})
+    generated = "<think>\n\n</think>\n\nls -la<|im_end|>"
+    assert reply_content(USER, generated, ["<|im_end|>"], template) == ("ls -la", None)
+    # A think block with reasoning in it does not round-trip as the bare command: kept whole.
+    thought = "<think>\nlook first\n</think>\n\nls<|im_end|>"
+    content, violation = reply_content(USER, thought, ["<|im_end|>"], template)
+    assert content.startswith("<think>") and violation is None

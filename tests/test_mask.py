@@ -371,9 +371,66 @@ def test_a_template_rewriting_past_turns_fails_history():
         "{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    encoded = encode_with(source)
+    encoded = encode_with(source, own_renders=False)
     assert checks_failed(encoded) == {("history", 1)}
     assert encoded.labels.count(IGNORE) < len(encoded.labels)  # turn 3 still trains
+    assert encoded.own_renders == []
+
+
+def trained_text(encoded) -> str:
+    return "".join(encoded.text[a:b] for (a, b), label in zip(encoded.offsets, encoded.labels,
+                                                               strict=True) if label != IGNORE)
+
+
+def test_a_turn_the_full_render_rewrites_trains_from_its_own_render():
+    """Turn 1 is elided once turn 3 exists: it trains in render(m[:2]), what the server sent
+    before it followed by what the model wrote, and nowhere else."""
+    source = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' and not loop.last %}(elided){% else %}{{ m.content }}"
+        "{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    template = ChatTemplate(source, {"eos_token": "<|im_end|>"})
+    encoded = encode_with(source)
+    assert encoded.violations == []
+    assert trained_text(encoded) == USER_ASSISTANT[3]["content"] + "<|im_end|>"
+    (own,) = encoded.own_renders
+    assert own.text == template.render(USER_ASSISTANT[:2])
+    assert own.text.startswith(template.render(USER_ASSISTANT[:1], add_generation_prompt=True))
+    assert trained_text(own) == USER_ASSISTANT[1]["content"] + "<|im_end|>"
+    assert own.input_ids == tokenizer_of("smollm2").encode(own.text, add_special_tokens=False).ids
+    assert own.violations == [] and [s.turn for s in own.spans] == [1]
+
+
+def test_an_own_render_that_fails_keeps_the_history_violation():
+    """Rewritten, and its own render cannot train either (the last turn is left unclosed, so
+    it has no end-of-turn token): nothing of turn 1 trains, and the violation says why."""
+    source = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' and not loop.last %}(elided)<|im_end|>\n"
+        "{% elif m.role == 'assistant' %}{{ m.content }}"
+        "{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    encoded = encode_with(source)
+    assert checks_failed(encoded) == {("history", 1), ("stop", 3)}
+    (history,) = [v for v in encoded.violations if v.check == "history"]
+    assert "its own render fails too: stop" in history.detail
+    assert encoded.own_renders == [] and encoded.trained_tokens == 0
+
+
+def test_weight_0_turns_get_no_own_render():
+    source = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' and not loop.last %}(elided){% else %}{{ m.content }}"
+        "{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [dict(m) for m in USER_ASSISTANT]
+    messages[1]["weight"] = 0
+    encoded = encode_with(source, messages)
+    assert encoded.own_renders == [] and checks_failed(encoded) == {("history", 1)}
 
 
 def test_an_end_of_turn_token_attached_to_the_next_turn_fails_stop():

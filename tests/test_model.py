@@ -197,8 +197,9 @@ def test_config_rejects_unknown_model_type_listing_supported(tiny_llama):
 
 
 def test_config_rejects_unknown_rope_type_listing_supported(tiny_llama):
-    config = {**read_config(tiny_llama), "rope_parameters": {"rope_type": "yarn", "factor": 2}}
-    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported; supported: default"):
+    config = {**read_config(tiny_llama), "rope_parameters": {"rope_type": "dynamic", "factor": 2}}
+    with pytest.raises(ConfigError,
+                       match="rope type 'dynamic' is not supported; supported: default"):
         ModelConfig.from_hf(config)
 
 

@@ -32,6 +32,7 @@ from sekft.sft import (
     lr_at,
     main,
     plan_run,
+    prepare_data,
     resolve_device_dtype,
     split_validation,
     train,
@@ -481,3 +482,33 @@ def test_bf16_is_the_default_only_on_gpus_with_native_bf16(monkeypatch):
     assert default_dtype("cuda") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert default_dtype("cuda") == torch.float32
+
+
+# Like Qwen3's think blocks: a past assistant turn renders differently from the last one.
+REWRITING = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and not loop.last %}(elided){% else %}{{ m.content }}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_turns_a_template_rewrites_train_from_own_renders_held_out_by_session(tiny_llama,
+                                                                              tmp_path):
+    from sekft.template import ChatTemplate
+    from sekft.tokenizer import load_tokenizer
+
+    write_sessions(tmp_path / "data.jsonl", 20, turns=(2, 3))
+    cfg = config(tiny_llama, tmp_path, val_fraction=0.25, max_len=4096)
+    template = ChatTemplate(REWRITING, {"eos_token": "<|im_end|>"})
+    data = prepare_data(cfg, template, load_tokenizer(tiny_llama))
+    turns = [sum(m["role"] == "assistant" for m in s.messages) for _, s in data.sessions]
+    examples = data.train + data.val
+    # One example per assistant turn: the full render trains the last, own renders the rest.
+    assert len(examples) == sum(turns) and data.violations == 0
+    assert all(e.n_trained > 0 for e in examples)
+    # Every turn of a session lands on the same side of the validation split.
+    def session_of(e):
+        return e.source.split(" turn ")[0]
+    assert not {session_of(e) for e in data.train} & {session_of(e) for e in data.val}
+    assert len({session_of(e) for e in data.val}) == 5

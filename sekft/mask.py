@@ -19,12 +19,13 @@ named check function (`check_serve_prefix`, `check_history`, `check_straddle`, `
 does not train in R (never guessed); straddling tokens do not train (and are errors under
 strict).
 
-A turn that fails only history (the template writes past turns differently from the last
-one: Qwen3 gives the last assistant turn an empty `<think>` block and drops it once a user
-turn follows) trains from its own render instead: H_i = render(m[:i+1]), in which P_i is what
-the server sent and the rest is what the model wrote, with only turn i trained. That example
-passes every check or the history violation stays. It costs a prefix of the session per
-rewritten turn; `own_renders=False` leaves those turns untrained.
+A turn that fails only serve-prefix or history in R (the template writes past turns
+differently from the last one: Qwen3 gives the last assistant turn an empty `<think>` block
+and drops it once a user turn follows, and its non-thinking prompt ends with that block) trains
+from its own render instead: H_i = render(m[:i+1]), in which P_i is what the server sent and
+the rest is what the model wrote, with only turn i trained. That example passes every check
+or the violations stay. It costs a prefix of the session per such turn; `own_renders=False`
+leaves those turns untrained.
 
 `python -m sekft.mask --inspect --data FILE --base DIR` shows what trains.
 """
@@ -48,7 +49,7 @@ from typing import TextIO
 from tokenizers import Tokenizer
 
 from sekft.errors import ConfigError, MaskError, TemplateError, run_cli
-from sekft.template import ChatTemplate, normalize_for_template
+from sekft.template import ChatTemplate, normalize_for_template, parse_template_vars
 from sekft.tokenizer import load_special_tokens, load_tokenizer
 
 IGNORE = -100
@@ -102,7 +103,7 @@ class Encoded:
     spans: list[Span]
     straddles: list[int]
     violations: list[Violation] = field(default_factory=list)
-    # Turns the full render rewrites, each trained from its own render (module docstring).
+    # Turns R cannot train, each trained from its own render (module docstring).
     own_renders: list[Encoded] = field(default_factory=list)
 
     @property
@@ -498,7 +499,8 @@ def encode_session(
     `messages` are normalized first (normalize_for_template) unless normalize=False; turn
     numbers refer to `Encoded.messages`. strict=True raises MaskError on any violation,
     straddles included. Raises TemplateError (naming `name` and the turn) when the template does.
-    Turns the full render rewrites train from their own renders unless own_renders=False.
+    Turns R cannot train (serve-prefix, history) train from their own renders unless
+    own_renders=False.
     """
     return encode_sessions([messages], template, tokenizer, strict, normalize, [name],
                            own_renders)[0]
@@ -512,20 +514,22 @@ def train_own_renders(
     end_strings: Sequence[str],
     untrained: frozenset[int],
 ) -> None:
-    """Give each turn of `encoded` that fails only the history check its own render.
+    """Give each turn of `encoded` that R cannot train, failing only serve-prefix or history,
+    its own render.
 
     For such a turn i, H_i = render(m[:i+1]) is tokenized whole and masked with turn i as its
     only assistant turn (P_i, its serve prefix, is checked against H_i as usual). If nothing
-    but straddles is found, the example joins `encoded.own_renders` and the history violation
-    is dropped; otherwise the violation stays, naming what the own render failed. Weight-0
-    turns are left as they are.
+    but straddles is found, the example joins `encoded.own_renders` and the turn's violations
+    are dropped; otherwise they stay, the first naming what the own render failed. A weight-0
+    turn gets the same checks (its findings are the same as with weight 1) and no example.
     """
-    rewritten = [v for v in encoded.violations if v.check == "history"
-                 and v.turn not in untrained
-                 and all(w.check in ("history", "straddle") for w in encoded.violations
-                         if w.turn == v.turn)]
-    for violation in rewritten:
-        turn = violation.turn
+    by_turn: dict[int, list[Violation]] = {}
+    for v in encoded.violations:
+        if v.check != "straddle":
+            by_turn.setdefault(v.turn, []).append(v)
+    for turn, found in sorted(by_turn.items()):
+        if any(v.check not in ("serve-prefix", "history") for v in found):
+            continue
         text = renders.histories[turn]
         own = Renders(text, {turn: renders.prompts[turn]}, {turn: text})
         e = tokenizer.encode(text, add_special_tokens=False)
@@ -535,13 +539,15 @@ def train_own_renders(
                                        [(ids, offsets, ends)])
         part = mask_session(encoded.messages[: turn + 1], own, ids, offsets, ends,
                             {turn: per_turn}, eot_ids, end_strings)
-        encoded.violations.remove(violation)
+        for v in found:
+            encoded.violations.remove(v)
         if part.failed:
             first = next(v for v in part.violations if v.check != "straddle")
             encoded.violations.append(Violation(
-                "history", turn, f"{violation.detail}; its own render fails too: "
+                found[0].check, turn, f"{found[0].detail}; its own render fails too: "
                 f"{first.check}: {first.detail}"))
-        else:
+            encoded.violations += found[1:]
+        elif turn not in untrained:
             encoded.own_renders.append(part)
     encoded.violations.sort(key=lambda v: (v.turn, CHECKS.index(v.check)))
 
@@ -747,6 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", help="chat template: folder, .jinja or "
                         "tokenizer_config.json (default: --base)")
     parser.add_argument("--template-name", help="named template to use, when there are several")
+    parser.add_argument("--template-var", action="append", default=[], metavar="KEY=VALUE",
+                        help="template variable for every render, as a server's "
+                        "chat_template_kwargs (e.g. enable_thinking=false); repeatable")
     parser.add_argument("--session", type=int, help="inspect only this session (0-based)")
     parser.add_argument("--limit", type=int, help="inspect at most this many sessions")
     parser.add_argument("--strict", action="store_true", help="straddling tokens fail too")
@@ -765,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(tokenizer_dir)
     special = load_special_tokens(Path(tokenizer_dir))
     template = ChatTemplate.from_folder(template_at, args.template_name, special)
+    template.variables = parse_template_vars(args.template_var)
     sessions = read_sessions(args.data)
     indices = list(range(len(sessions)))
     if args.session is not None:

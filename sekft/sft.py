@@ -65,7 +65,7 @@ from sekft.rundir import (
     write_atomic,
     write_json_atomic,
 )
-from sekft.template import ChatTemplate
+from sekft.template import ChatTemplate, parse_template_vars
 from sekft.tokenizer import load_tokenizer
 
 # Fields that must not change between a run and its --resume: they fix the data order, the
@@ -117,6 +117,11 @@ class TrainConfig:
     val_fraction: float = field(default=0.05, metadata=_help("share of sessions held out"))
     loss_chunk: int = field(default=512, metadata=_help("trained positions per lm_head chunk"))
     template: str = field(default="", metadata=_help("named chat template (default: the default)"))
+    template_var: list[str] = field(
+        default_factory=list,
+        metadata=_help("KEY=VALUE template variable for every render, as the server's "
+                       "chat_template_kwargs (e.g. enable_thinking=false); repeatable"),
+    )
     device: str = field(default="", metadata=_help("cuda, cpu, ... (default: cuda if present)"))
     dtype: str = field(
         default="auto", metadata=_help("auto, bfloat16 or float32 (auto: bf16 if native here)")
@@ -144,6 +149,10 @@ class TrainData:
     overlong: list[Example]  # sessions longer than max_len (dropped)
     violations: int  # mask-check findings over kept sessions (see sekft.mask)
     sha256: str  # of the normalised sessions, in order
+    # Sessions behind train and val: fewer than their examples where turns train from their
+    # own renders (sekft.mask).
+    train_sessions: int = 0
+    val_sessions: int = 0
 
 
 def split_validation(n: int, fraction: float, seed: int) -> set[int]:
@@ -205,6 +214,8 @@ def prepare_data(cfg: TrainConfig, template, tokenizer) -> TrainData:
         overlong=overlong,
         violations=violations,
         sha256=digest.hexdigest(),
+        train_sessions=len(groups) - len(held_out),
+        val_sessions=len(held_out),
     )
 
 
@@ -341,6 +352,14 @@ def versions() -> dict[str, str]:
     return found
 
 
+def template_identity(template: ChatTemplate) -> str:
+    """What the run's template hash covers: its source, and its variables when it has any
+    (a run rendered with enable_thinking=false is not resumed without it)."""
+    if not template.variables:
+        return template.source
+    return template.source + "\n" + json.dumps(template.variables, sort_keys=True)
+
+
 def describe_run(cfg: TrainConfig, base_path: Path, template_source: str, data: TrainData,
                  total_steps: int) -> dict:
     return {
@@ -349,8 +368,11 @@ def describe_run(cfg: TrainConfig, base_path: Path, template_source: str, data: 
         "template_sha256": _sha256(template_source.encode()),
         "data": {
             "sha256": data.sha256,
-            "train_sessions": len(data.train),
-            "val_sessions": len(data.val),
+            "train_sessions": data.train_sessions,
+            "val_sessions": data.val_sessions,
+            # One per session, plus one per turn trained from its own render.
+            "train_examples": len(data.train),
+            "val_examples": len(data.val),
             "dropped_untrained": data.untrained,
             "dropped_overlong": [e.source for e in data.overlong],
             "mask_violations": data.violations,
@@ -468,7 +490,7 @@ def train(
     my_val_rows = [val_rows[k] for k in distributed.share(
         [row.input_ids.numel() for row in val_rows], ranks.world, ranks.rank)]
     write_weights = weight_writer(model, cfg, base_path)
-    run = describe_run(cfg, base_path, template.source, data, total)
+    run = describe_run(cfg, base_path, template_identity(template), data, total)
     run["world_size"] = ranks.world
 
     start = 0
@@ -587,13 +609,20 @@ def _plan_id(cfg: TrainConfig, lengths: list[int], total: int) -> dict:
 
 def _template_and_tokenizer(cfg: TrainConfig, base):
     """(base folder, ChatTemplate, tokenizer) without loading weights (or from `base`)."""
+    variables = parse_template_vars(cfg.template_var)
     if base is not None:
-        if base.chat_template is None:
+        if cfg.template:
+            # The named template, as --inspect (no base loaded) renders with.
+            template = ChatTemplate.from_folder(base.path, cfg.template, base.special_tokens)
+        elif base.chat_template is None:
             raise TemplateError(f"{base.path}: the base has no chat template to render with")
-        template = ChatTemplate(base.chat_template, base.special_tokens)
+        else:
+            template = ChatTemplate(base.chat_template, base.special_tokens)
+        template.variables = variables
         return Path(base.path), template, base.tokenizer
     folder = resolve_base(cfg.base)
     template = ChatTemplate.from_folder(folder, name=cfg.template or None)
+    template.variables = variables
     return folder, template, load_tokenizer(folder)
 
 
@@ -619,9 +648,12 @@ def _announce(progress: ProgressLine, cfg, data: TrainData, total: int, start: i
               checkpoint: Path | None) -> None:
     trained = sum(e.n_trained for e in data.train)
     tokens = sum(len(e) for e in data.train)
+    own = len(data.train) - data.train_sessions
+    # Turns the template rewrites train from their own renders (sekft.mask): say what it costs.
+    extra = f", +{own} turns in their own renders" if own else ""
     progress.message(
-        f"sekft-train: {len(data.train)} sessions ({tokens} tokens, {trained} trained, "
-        f"{trained / max(tokens, 1):.0%}), {len(data.val)} held out, {total} steps"
+        f"sekft-train: {data.train_sessions} sessions{extra} ({tokens} tokens, {trained} "
+        f"trained, {trained / max(tokens, 1):.0%}), {data.val_sessions} held out, {total} steps"
     )
     if data.untrained:
         progress.message(f"dropped {len(data.untrained)} sessions with nothing to train: "
@@ -657,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_true", help=help_text)
         elif f.name == "targets":
             parser.add_argument(flag, nargs="+", default=list(DEFAULT_TARGETS), help=help_text)
+        elif f.name == "template_var":
+            parser.add_argument(flag, action="append", default=[], metavar="KEY=VALUE",
+                                help=help_text)
         elif f.default is dataclasses.MISSING:
             parser.add_argument(flag, required=True, help=help_text)
         else:

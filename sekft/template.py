@@ -24,7 +24,7 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from sekft.errors import TemplateError
+from sekft.errors import ConfigError, TemplateError
 from sekft.tokenizer import load_special_tokens, read_json
 
 # Special tokens that close a turn in the templates sekft knows; the eos token is added per model.
@@ -144,6 +144,8 @@ class ChatTemplate:
 
     `special_tokens` are the named tokens ({"bos_token": "<s>", ...}); `clock` gives the time
     `strftime_now` formats (Llama 3.x writes today's date), so tests and long runs can fix it.
+    `variables` are passed to every render, as a server passes a request's
+    `chat_template_kwargs` ({"enable_thinking": False} for Qwen3's non-thinking mode).
     """
 
     def __init__(
@@ -151,10 +153,12 @@ class ChatTemplate:
         source: str,
         special_tokens: Mapping[str, str] | None = None,
         clock: Callable[[], datetime] = datetime.now,
+        variables: Mapping[str, object] | None = None,
     ):
         self.source = source
         self.special_tokens = dict(special_tokens or {})
         self.clock = clock
+        self.variables = dict(variables or {})
         self.compiled = compile_template(source)
         self.globals = dict(self.compiled.globals)
         eos = self.special_tokens.get("eos_token")
@@ -224,6 +228,7 @@ class ChatTemplate:
             "tools": None,
             "documents": None,
             **self.special_tokens,
+            **self.variables,
             **variables,
             "messages": template_messages(messages),
             "add_generation_prompt": add_generation_prompt,
@@ -243,6 +248,29 @@ class ChatTemplate:
             except Exception:
                 return end - 1
         return len(messages)
+
+
+def parse_template_vars(items: Sequence[str], flag: str = "--template-var") -> dict[str, object]:
+    """`KEY=VALUE` strings as template variables: VALUE read as JSON when it parses (`false`,
+    `3`, `"x"`, `[1]`), else taken as the string it is. A later KEY wins.
+
+    Raises ConfigError naming `flag` for an item without `=` or with an empty or reserved KEY
+    (the messages, the generation prompt and special tokens are sekft's to set).
+    """
+    reserved = {"messages", "add_generation_prompt"}
+    variables: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier() or key in reserved or key.endswith("_token"):
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE with KEY a template variable "
+                              "(e.g. enable_thinking=false); messages, add_generation_prompt and "
+                              "*_token are set by sekft")
+        try:
+            variables[key] = json.loads(value)
+        except json.JSONDecodeError:
+            variables[key] = value
+    return variables
 
 
 def find_templates(path: Path) -> dict[str, str]:

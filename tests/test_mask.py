@@ -420,7 +420,7 @@ def test_an_own_render_that_fails_keeps_the_history_violation():
     assert encoded.own_renders == [] and encoded.trained_tokens == 0
 
 
-def test_weight_0_turns_get_no_own_render():
+def test_weight_0_turns_get_the_own_render_check_but_no_example():
     source = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n"
         "{% if m.role == 'assistant' and not loop.last %}(elided){% else %}{{ m.content }}"
@@ -430,7 +430,8 @@ def test_weight_0_turns_get_no_own_render():
     messages = [dict(m) for m in USER_ASSISTANT]
     messages[1]["weight"] = 0
     encoded = encode_with(source, messages)
-    assert encoded.own_renders == [] and checks_failed(encoded) == {("history", 1)}
+    assert encoded.own_renders == [] and encoded.violations == []
+    assert trained_text(encoded) == "a2<|im_end|>"
 
 
 def test_an_end_of_turn_token_attached_to_the_next_turn_fails_stop():

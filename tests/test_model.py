@@ -41,6 +41,39 @@ def test_rms_norm_matches_llama_rmsnorm():
         torch.testing.assert_close(rms_norm(x, oracle.weight, 1e-6), oracle(x))
 
 
+def rms_norm_formula(x, weight, eps):
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_rms_norm_values_and_gradients_match_autograd_of_the_formula(dtype, weight_grad):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    weight = (torch.rand(16, dtype=dtype) + 0.5).requires_grad_(weight_grad)
+    grad = torch.randn(3, 5, 16, dtype=dtype)
+    inputs = (x, weight) if weight_grad else (x,)
+    out, expected = rms_norm(x, weight, 1e-6), rms_norm_formula(x, weight, 1e-6)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    for g, w in zip(got, want, strict=True):
+        # The same float32 math in another order: bf16 results round alike.
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_keeps_x_in_its_own_dtype_and_one_value_per_row_for_backward():
+    x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.ones(8, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rms_norm(x, weight, 1e-6)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert [t.data_ptr() for t in big] == [x.data_ptr()]  # no float32 copy of x
+    assert sum(t.numel() for t in saved) == x.numel() + weight.numel() + 4
+
+
 def test_swiglu_values_and_gradients_match_autograd_of_the_formula():
     torch.manual_seed(0)
     gate = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)

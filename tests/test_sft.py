@@ -512,3 +512,28 @@ def test_turns_a_template_rewrites_train_from_own_renders_held_out_by_session(ti
         return e.source.split(" turn ")[0]
     assert not {session_of(e) for e in data.train} & {session_of(e) for e in data.val}
     assert len({session_of(e) for e in data.val}) == 5
+
+
+def test_named_template_and_template_vars_reach_training_as_they_reach_inspect(tiny_llama,
+                                                                               tmp_path):
+    """--template NAME and --template-var render training exactly as --inspect shows it."""
+    from sekft.sft import _template_and_tokenizer
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(tiny_llama, base_dir)
+    (base_dir / "additional_chat_templates").mkdir()
+    (base_dir / "additional_chat_templates" / "plain.jinja").write_text(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% if terse %}${% endif %}{% endif %}")
+    cfg = config_from_args(["--data", "d.jsonl", "--base", str(base_dir), "--out", "o",
+                            "--template", "plain", "--template-var", "terse=true",
+                            "--template-var", "unused=x"])
+    assert cfg.template_var == ["terse=true", "unused=x"]
+    base = load_base(base_dir, device="cpu")
+    for loaded in (None, base):
+        _, template, _ = _template_and_tokenizer(cfg, loaded)
+        assert template.variables == {"terse": True, "unused": "x"}
+        assert template.render([{"role": "user", "content": "hi"}], True).endswith(
+            "assistant: $")
+    with pytest.raises(ConfigError, match="--template-var 'terse'"):
+        _template_and_tokenizer(dataclasses.replace(cfg, template_var=["terse"]), base)

@@ -373,3 +373,45 @@ def test_inspector_runs_on_each_delivery_variant(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "=== session 0 (turn 1, trained from its own render)" in out
     assert out.endswith("0 violations: ok\n")
+
+
+def test_template_vars_parse_as_json_or_strings_and_refuse_what_sekft_sets():
+    from sekft.errors import ConfigError
+    from sekft.template import parse_template_vars
+
+    assert parse_template_vars(["enable_thinking=false", "n=3", "name=x y", "s=\"q\""]) == {
+        "enable_thinking": False, "n": 3, "name": "x y", "s": "q"}
+    for bad in ("enable_thinking", "=1", "messages=[]", "eos_token=x", "a-b=1"):
+        with pytest.raises(ConfigError, match=r"--template-var .*KEY=VALUE"):
+            parse_template_vars([bad])
+
+
+def test_qwen3_non_thinking_mode_trains_each_command_after_the_served_think_block(monkeypatch):
+    """Served with chat_template_kwargs {"enable_thinking": false}, Qwen3's prompt already ends
+    with the empty think block, so each turn trains its command and <|im_end|> alone, in the
+    render the server sent (transformers given the same variable is the oracle)."""
+    fixed_transformers_clock(monkeypatch)
+    messages = shell_session(True)
+    template = our_template(CASES["qwen3"])
+    template.variables = {"enable_thinking": False}
+    tokenizer = stand_in("qwen3")[0]
+    encoded = encode_session(messages, template, tokenizer)
+    hf = hf_renderer("qwen3")
+    assert encoded.violations == []
+    commands = [(i, m["content"]) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for part, (i, command) in zip(encoded.own_renders + [encoded], commands, strict=True):
+        prompt = hf.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True,
+                                        enable_thinking=False)
+        assert prompt.endswith("<think>\n\n</think>\n\n")
+        assert part.text.startswith(prompt)
+        trained = "".join(part.text[a:b] for (a, b), label in zip(part.offsets, part.labels,
+                                                                  strict=True) if label != IGNORE)
+        assert trained == f"{command}<|im_end|>"
+
+
+def test_mask_cli_takes_template_vars(tmp_path, capsys):
+    qwen3 = stand_in_folder(tmp_path, "qwen3", FIXTURES / "qwen3-0.6b" / "chat_template.jinja")
+    data = ["--inspect", "--data", str(SHELL_SESSIONS), "--base", str(qwen3), "--session", "0"]
+    assert main([*data, "--template-var", "enable_thinking=false"]) == 0
+    out = capsys.readouterr().out
+    assert "⟦<think>" not in out and "</think>\n\n⟦" in out

@@ -24,17 +24,22 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def hf_cache_dir() -> Path:
-    """The hub cache where huggingface_hub puts it: $HF_HUB_CACHE, else $HF_HOME/hub, else
-    ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
+    """The hub cache where huggingface_hub puts it: $HF_HUB_CACHE (or its older name
+    $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
 def _cached_snapshot(repo_id: str, cache: Path) -> Path | None:
-    """The snapshot `refs/main` points at, else the only snapshot present, else None."""
+    """The snapshot `refs/main` points at, else the only snapshot present, else None.
+
+    Several snapshots and no `refs/main` (a cache filled by revision) is a CheckpointError
+    listing them: picking one would train on a revision nobody chose.
+    """
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshots = repo / "snapshots"
     ref = repo / "refs" / "main"
@@ -43,9 +48,14 @@ def _cached_snapshot(repo_id: str, cache: Path) -> Path | None:
         if snapshot.is_dir():
             return snapshot
     if snapshots.is_dir():
-        found = [p for p in snapshots.iterdir() if p.is_dir()]
+        found = sorted(p for p in snapshots.iterdir() if p.is_dir())
         if len(found) == 1:
             return found[0]
+        if found:
+            raise CheckpointError(
+                f"base {repo_id!r}: {snapshots} holds {len(found)} revisions and no refs/main; "
+                f"pass one as a folder: {', '.join(str(p) for p in found[:3])}"
+            )
     return None
 
 

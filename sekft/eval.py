@@ -740,6 +740,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run the base without the adapter and print the differences")
     p.add_argument("--no-sandbox", action="store_true",
                    help="run commands UNCONFINED on this machine (no bubblewrap)")
+    p.add_argument("--template-var", action="append", default=[], metavar="KEY=VALUE",
+                   help="template variable for every render (repeatable), as in training; "
+                   "sent to --endpoint servers as chat_template_kwargs")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -822,10 +825,12 @@ def _main(argv: list[str] | None) -> int:
     progress = SuiteProgress(len(scenarios) * len(policies), ProgressLine())
     progress.show()
     episodes: list[Episode] = []
-    for run, policy in policies.items():
-        episodes += run_suite(scenarios, lambda s, p=policy: p, config, run, jobs,
-                              progress.episode_done)
-    progress.close()
+    try:
+        for run, policy in policies.items():
+            episodes += run_suite(scenarios, lambda s, p=policy: p, config, run, jobs,
+                                  progress.episode_done)
+    finally:
+        progress.close()  # an error's one line must not land on the live line
     runs = write_outputs(Path(args.out), episodes, {
         **{k: v for k, v in vars(args).items()
            if isinstance(v, (str, int, float, bool, type(None)))},

@@ -10,17 +10,28 @@ newline, say) is taken off. A reply that cannot round-trip is recorded as a rend
 violation on the episode, with the closest content kept.
 
 `--endpoint URL --model NAME` sends the same messages to URL's /v1/chat/completions through
-urllib (a vLLM serving the base and the adapter, say).
+urllib (a vLLM serving the base and the adapter, say); the reply is the command alone
+(reasoning and think blocks taken off), and what servers really answer besides a reply
+(busy, context full, key wanted, ...) is sorted in `EndpointPolicy`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import http.client
+import ipaddress
 import itertools
 import json
+import os
+import re
+import ssl
 import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,7 +46,7 @@ from sekft.errors import ConfigError, TemplateError
 from sekft.eval import ContextExhausted, Policy, Reply
 from sekft.mask import end_of_turn_ids
 from sekft.model import Decoder, KVCache
-from sekft.template import ChatTemplate, normalize_for_template
+from sekft.template import ChatTemplate, normalize_for_template, parse_template_vars
 
 
 @dataclass(frozen=True)
@@ -381,50 +392,326 @@ class ModelPolicy:
                 "differently from what the model generated")
 
 
-class EndpointPolicy:
-    """An OpenAI-compatible chat-completions server as a policy (urllib, no dependency)."""
+# Statuses of a server that is busy or (re)starting rather than refusing the request: vLLM,
+# TGI and Ollama answer 429 or 503 when their queue is full, llama.cpp 503 "Loading model"
+# while it loads, a proxy 502 or 504 while the server behind it restarts.
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+# Seconds to wait before each retry of a transient failure (or the server's Retry-After,
+# up to MAX_RETRY_AFTER): about a minute in all, then the run fails with the last answer.
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+MAX_RETRY_AFTER = 60.0
+# The key for a server started with --api-key, sent as `Authorization: Bearer`. Not
+# OPENAI_API_KEY: that one is often set for OpenAI itself, and would go to any --endpoint.
+API_KEY_ENV = "SEKFT_API_KEY"
+# End-of-turn tokens a server can leave in the content as text when it does not stop at
+# them (a GGUF whose eos is another token, an LM Studio preset); no command contains them.
+END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>",
+                     "<|endoftext|>", "<|end|>", "<end_of_turn>")
+# How servers say that a request does not fit the context window (vLLM's wordings over its
+# versions, SGLang, TGI's 422, llama.cpp), then where they give the window and the prompt.
+_CONTEXT_WORDS = re.compile(r"context|maximum model length|`inputs` tokens|`inputs` must have",
+                            re.IGNORECASE)
+_WINDOW = re.compile(r"maximum context length (?:is|of) (\d+)|context length is only (\d+)"
+                     r"|maximum model length of (\d+)|must be <= (\d+)"
+                     r"|context (?:length|size) \((\d+) tokens\)")
+_PROMPT = re.compile(r"(\d+) in the messages|request has (\d+) input tokens"
+                     r"|contains (?:at least )?(\d+) input tokens|passed (\d+) input tokens"
+                     r"|(\d+) tokens from the input messages|Given: (\d+) `inputs` tokens"
+                     r"|prompt \(length (\d+)\)|(?:input|request) \((\d+) tokens\)")
 
-    def __init__(self, url: str, model: str, sampling: Sampling, timeout: float = 600.0):
-        base = url.rstrip("/")
-        if not base.endswith("/chat/completions"):
-            base = base + ("/chat/completions" if base.endswith("/v1") else
-                           "/v1/chat/completions")
-        self.url = base
+
+class _Overflow(Exception):
+    """A server's refusal of a request too long for its context window; `room` is how many
+    tokens it could still generate after the prompt, when the refusal says (else None)."""
+
+    def __init__(self, room: int | None):
+        super().__init__(room)
+        self.room = room
+
+
+class _Transient(Exception):
+    """A failure worth retrying; `retry_after` is the server's own wait in seconds, or 0."""
+
+    def __init__(self, message: str, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def chat_completions_url(url: str) -> str:
+    """The chat-completions URL of a server given as users paste it: `http://host:8000`,
+    with or without a trailing `/`, `/v1` or `/v1/`, or the full `/v1/chat/completions`."""
+    base = url.strip().rstrip("/")
+    if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
+        raise ConfigError(f"--endpoint {url!r}: give the server's URL, such as "
+                          "http://127.0.0.1:8000")
+    if base.endswith("/chat/completions"):
+        return base
+    return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+
+
+def is_local_host(host: str) -> bool:
+    """Whether `host` is this machine: localhost, a loopback address, or 0.0.0.0 (which
+    vLLM and uvicorn print as the address they listen on)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def opener_for(url: str) -> urllib.request.OpenerDirector:
+    """urllib's opener for `url`, without proxies for a server on this machine: urllib sends
+    even 127.0.0.1 through HTTP_PROXY unless NO_PROXY names it, and the proxy cannot reach
+    this machine's loopback (it answers 502 or 403, or never)."""
+    if is_local_host(urllib.parse.urlsplit(url).hostname or ""):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()
+
+
+def read_body(response) -> bytes:
+    """The body of an HTTP response (or HTTPError), gzip or deflate undone: urllib asks for
+    no encoding, but a proxy in front of the server may compress anyway."""
+    data = response.read()
+    encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
+    try:
+        if encoding in ("gzip", "x-gzip"):
+            return gzip.decompress(data)
+        if encoding == "deflate":
+            return zlib.decompress(data, zlib.MAX_WBITS | 32)  # zlib-wrapped or raw
+    except (OSError, EOFError, zlib.error):
+        pass  # not compressed after all; the JSON check says what it is
+    return data
+
+
+def error_detail(body: bytes) -> str:
+    """The message of an error body, whatever its shape: `{"error": {"message"}}` (vLLM,
+    llama.cpp, Ollama), `{"message"}` (older vLLM), `{"error": "..."}` (TGI) or `{"detail"}`
+    (FastAPI); else the text. At most 300 characters."""
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:300]
+    found = data
+    if isinstance(data, dict):
+        found = data.get("error") or data.get("message") or data.get("detail") or data
+        if isinstance(found, dict):
+            found = found.get("message") or found
+    return (found if isinstance(found, str) else json.dumps(found))[:300]
+
+
+def context_room(detail: str) -> int | None:
+    """Tokens left for generation after the prompt, by a context-window refusal's own
+    figures (window minus prompt tokens; zero or less when the prompt alone is too long);
+    None when it does not give both."""
+    window, prompt = _WINDOW.search(detail), _PROMPT.search(detail)
+    if window is None or prompt is None:
+        return None
+
+    def number(match: re.Match) -> int:
+        return int(next(g for g in match.groups() if g is not None))
+
+    return number(window) - number(prompt)
+
+
+def retry_after(headers) -> float:
+    """A Retry-After header's seconds (capped at MAX_RETRY_AFTER), or 0."""
+    try:
+        return min(max(float(headers.get("Retry-After") or 0), 0.0), MAX_RETRY_AFTER)
+    except (TypeError, ValueError):
+        return 0.0  # an HTTP date: our own delays will do
+
+
+def utf8_safe(text: str) -> str:
+    """`text` with lone surrogates (JSON can carry "\\ud800") replaced: they could not be
+    written to transcripts.jsonl, and the run's results would be lost at the end."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def command_text(content: str, reasoning_apart: bool) -> str:
+    """The command line in a reply's content, as the shell should get it.
+
+    The content ends before an end-of-turn token left in it as text (END_OF_TURN_TEXTS).
+    A think block left in the content (no reasoning parser: DeepSeek-R1, Qwen3, or a
+    template that opens `<think>` in the prompt, so only `</think>` shows) is reasoning: the
+    command is what follows `</think>`, stripped, and a block never closed (max_tokens spent
+    thinking) leaves no command. When the server took the reasoning apart itself (a
+    `reasoning_content` or `reasoning` field), its parser leaves the newlines that followed
+    `</think>`, so the content is stripped. Any other content is kept as generated, as the
+    local policy keeps it.
+    """
+    ends = [i for i in (content.find(s) for s in END_OF_TURN_TEXTS) if i >= 0]
+    content = content[: min(ends)] if ends else content
+    if "</think>" in content:
+        return content.rsplit("</think>", 1)[1].strip()
+    if content.lstrip().startswith("<think>"):
+        return ""
+    return content.strip() if reasoning_apart else content
+
+
+def endpoint_reply(answer: dict, where: str) -> Reply:
+    """The Reply in a chat-completions answer: the command (`command_text`) of the first
+    choice, the completion tokens of `usage` (0 when the server sends none), and, when the
+    server turned the reply into `tool_calls` (sekft sends no tools), a violation naming
+    them, so that empty replies in a transcript have their reason beside them."""
+    try:
+        message = answer["choices"][0]["message"]
+        content = message.get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ConfigError(f"--endpoint {where}: not a chat-completions answer: "
+                          f"{str(answer)[:200]}") from None
+    if not isinstance(content, str):
+        raise ConfigError(f"--endpoint {where}: the reply's content is not text: "
+                          f"{str(content)[:200]}")
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    violation = None
+    if message.get("tool_calls"):
+        violation = utf8_safe(
+            f"the server answered with tool_calls {json.dumps(message['tool_calls'])[:150]} "
+            "although sekft sends no tools; its tool-call parser took the reply")
+    tokens = (answer.get("usage") or {}).get("completion_tokens") or 0
+    return Reply(utf8_safe(command_text(content, bool(reasoning))), tokens=int(tokens),
+                 violation=violation)
+
+
+class EndpointPolicy:
+    """An OpenAI-compatible chat-completions server as a policy (urllib, no dependency).
+
+    Transient failures (TRANSIENT_STATUSES, and a dropped connection once the server has
+    answered) are retried after each of `retry_delays`, then fail the run (ConfigError), as
+    every other refusal does at once: 401/403 (with a word on API_KEY_ENV), 404 (with the
+    names the server serves), 500. A refusal for the context window ends the episode
+    (ContextExhausted) unless the prompt itself fits: vLLM, SGLang and TGI refuse a prompt
+    plus max_tokens past the window where our own generation stops at it, so the request is
+    made again for the tokens left. The reply is the command only (`endpoint_reply`).
+    """
+
+    def __init__(self, url: str, model: str, sampling: Sampling, timeout: float = 600.0,
+                 api_key: str | None = None, retry_delays: Sequence[float] = RETRY_DELAYS,
+                 template_vars: Mapping[str, object] | None = None):
+        self.url = chat_completions_url(url)
+        # Sent as `chat_template_kwargs` (vLLM, SGLang, llama.cpp): the server renders with
+        # the variables training rendered with (--template-var).
+        self.template_vars = dict(template_vars or {})
         self.model = model
         self.sampling = sampling
         self.timeout = timeout
+        self.api_key = api_key
+        self.retry_delays = tuple(retry_delays)
+        self.opener = opener_for(self.url)
+        self.answered = False  # the server has answered once: a lost connection is news
 
-    def __call__(self, messages: list[dict]) -> Reply:
+    def request_body(self, messages: list[dict]) -> dict:
+        """The chat-completions request for `messages`. top_p goes only with sampling:
+        greedy decoding ignores it everywhere, and TGI refuses top_p 1.0 (it wants < 1)."""
         body = {
             "model": self.model,
             "messages": normalize_for_template(messages),
             "max_tokens": self.sampling.max_new_tokens,
             "temperature": self.sampling.temperature,
-            "top_p": self.sampling.top_p,
             "seed": self.sampling.seed,
         }
-        request = urllib.request.Request(
-            self.url, data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json"},
-        )
+        if self.sampling.temperature > 0:
+            body["top_p"] = self.sampling.top_p
+        if self.template_vars:
+            body["chat_template_kwargs"] = self.template_vars
+        return body
+
+    def __call__(self, messages: list[dict]) -> Reply:
+        body = self.request_body(messages)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                answer = json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")[:300]
-            if e.code == 400 and "context" in detail.lower():
+            answer = self._answer(body)
+        except _Overflow as overflow:
+            if overflow.room is None or not 0 < overflow.room < body["max_tokens"]:
                 raise ContextExhausted from None
-            raise ConfigError(f"--endpoint {self.url}: HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise ConfigError(f"--endpoint {self.url}: cannot reach the server ({e}); is it "
-                              "running and serving --model?") from None
+            try:
+                answer = self._answer({**body, "max_tokens": overflow.room})
+            except _Overflow:
+                raise ContextExhausted from None
+        return endpoint_reply(answer, self.url)
+
+    def _answer(self, body: dict) -> dict:
+        """The server's JSON answer to `body`, transient failures retried."""
+        for delay in self.retry_delays:
+            try:
+                return self._post(body)
+            except _Transient as e:
+                time.sleep(max(delay, e.retry_after))
         try:
-            content = answer["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise ConfigError(f"--endpoint {self.url}: not a chat-completions answer: "
-                              f"{str(answer)[:200]}") from None
-        tokens = (answer.get("usage") or {}).get("completion_tokens", 0)
-        return Reply(content, tokens=int(tokens or 0))
+            return self._post(body)
+        except _Transient as e:
+            raise ConfigError(f"--endpoint {self.url}: {e} (still, after "
+                              f"{len(self.retry_delays) + 1} attempts)") from None
+
+    def _post(self, body: dict) -> dict:
+        """One request: its JSON answer, or _Transient, _Overflow or ConfigError."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(),
+                                         method="POST", headers=headers)
+        try:
+            with self.opener.open(request, timeout=self.timeout) as response:
+                raw = read_body(response)
+        except urllib.error.HTTPError as e:
+            self.answered = True
+            raise self._refusal(e.code, error_detail(read_body(e)), e.headers) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise self._unreachable(getattr(e, "reason", e)) from None
+        self.answered = True
+        try:
+            answer = json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise ConfigError(f"--endpoint {self.url}: not a JSON answer: "
+                              f"{raw[:200].decode('utf-8', 'replace')!r}")
+        return answer
+
+    def _refusal(self, status: int, detail: str, headers) -> Exception:
+        """What an HTTP error status means for the run."""
+        said = f"--endpoint {self.url}: HTTP {status}: {detail.rstrip('.')}"
+        if status in (400, 413, 422) and _CONTEXT_WORDS.search(detail):
+            return _Overflow(context_room(detail))
+        if status in TRANSIENT_STATUSES:
+            return _Transient(f"HTTP {status}: {detail}", retry_after(headers))
+        if status in (401, 403):
+            return ConfigError(f"{said}; the server refused the key in {API_KEY_ENV}"
+                               if self.api_key else
+                               f"{said}; it wants an API key: set {API_KEY_ENV} (sent as "
+                               "Authorization: Bearer)")
+        if status == 404:
+            return ConfigError(f"{said}; {self._served_models()}")
+        return ConfigError(said)
+
+    def _unreachable(self, reason) -> Exception:
+        """What a failure to get any HTTP answer means: a timeout or a certificate fails
+        the run; a lost connection is retried once the server has answered before (it is
+        restarting), and fails the run at once otherwise (a wrong host or port)."""
+        if isinstance(reason, TimeoutError):
+            return ConfigError(f"--endpoint {self.url}: no answer within {self.timeout:g} s")
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return ConfigError(f"--endpoint {self.url}: {reason.verify_message}; to trust "
+                               "the server's own certificate, point SSL_CERT_FILE at its PEM")
+        if self.answered:
+            return _Transient(f"lost the connection ({reason})")
+        return ConfigError(f"--endpoint {self.url}: cannot reach the server ({reason}); is "
+                           "it running, at that address?")
+
+    def _served_models(self) -> str:
+        """The model names the server lists at /v1/models, as a hint after a 404."""
+        url = self.url[: -len("/chat/completions")] + "/models"
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            with self.opener.open(urllib.request.Request(url, headers=headers),
+                                  timeout=10) as response:
+                names = [m["id"] for m in json.loads(read_body(response))["data"]]
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+            return ("is --endpoint the server's base URL (http://host:port) and --model a "
+                    "name it serves?")
+        return f"it serves {', '.join(map(str, names)) or 'no model'}: give one as --model"
 
 
 class EndpointPool:
@@ -452,7 +739,11 @@ def policies_from_args(args: argparse.Namespace) -> dict[str, Policy]:
         sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
         names = [args.model] + ([args.baseline_model] if args.baseline else [])
         urls = args.endpoint.split(",")
-        return {name: EndpointPool([EndpointPolicy(url, name, sampling) for url in urls])
+        key = os.environ.get(API_KEY_ENV) or None
+        variables = parse_template_vars(args.template_var)
+        return {name: EndpointPool([EndpointPolicy(url, name, sampling, api_key=key,
+                                                   template_vars=variables)
+                                    for url in urls])
                 for name in names}
     from sekft.base import load_base
     from sekft.device import choose_dtype, default_device, describe
@@ -475,7 +766,8 @@ def model_policies(base, args: argparse.Namespace) -> dict[str, Policy]:
         raise TemplateError(f"{base.path}: the base has no chat template; sekft-eval renders "
                             "sessions with the model's own template")
     model = base.model
-    template = ChatTemplate(base.chat_template, base.special_tokens)
+    template = ChatTemplate(base.chat_template, base.special_tokens,
+                            variables=parse_template_vars(getattr(args, "template_var", [])))
     sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
     max_context = args.max_context or base.config.max_position_embeddings
     stop_ids = checkpoint_stop_ids(base.path, base.hf_config)

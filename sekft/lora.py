@@ -8,6 +8,12 @@ adapter adds `lora_A.weight` (r x in) and `lora_B.weight` (out x r) next to them
 the same tensors `base_model.model.` + our name, which is all `save_adapter` and
 `load_adapter` translate.
 
+`load_adapter` takes what PEFT writes: safetensors or the older `adapter_model.bin`, layers
+chosen as PEFT chooses them (target_modules as names, a regex or "all-linear",
+exclude_modules, layers_to_transform), per-layer rank_pattern/alpha_pattern. A config field
+that would change the adapter's output and that sekft does not implement (DoRA, biases,
+modules_to_save, a PiSSA-style init, replicated layers, ...) is refused by name, never ignored.
+
     y = base(x) + scaling * B(A(dropout(x))),   scaling = alpha / r  (alpha / sqrt(r): rsLoRA)
 
 A starts Kaiming-uniform and B at zero (as PEFT), so a fresh adapter leaves outputs unchanged.
@@ -29,6 +35,8 @@ import argparse
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -49,8 +57,14 @@ from sekft.quant import dequantized_weight, is_4bit
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What PEFT wrote before safetensors became its default (a torch pickle of the same dict).
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+# The output layer: never a LoRA target here. sekft's loss reads its weight directly (chunked,
+# `Decoder.output_weight`), so LoRA on it would silently not train, and a tied lm_head would
+# merge its update into the input embeddings too. PEFT's "all-linear" leaves it out as well.
+OUTPUT_LAYER = "lm_head"
 # vLLM's default --max-lora-rank; a larger adapter is refused unless the server raises it.
 VLLM_MAX_LORA_RANK = 16
 # Files a merged export copies from the base folder when present, so the export is a complete
@@ -202,7 +216,8 @@ def find_targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linea
     """The linear layers of `model` that `targets` name (PEFT's suffix rule), by module name.
 
     Raises AdapterError for a target that matches no module, or matches one that is not a
-    linear layer, naming the target and what the model does have.
+    linear layer or is the output layer (`OUTPUT_LAYER`), naming the target and what the model
+    does have.
     """
     targets = list(targets)
     if not targets:
@@ -213,6 +228,11 @@ def find_targets(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linea
         target = _matches(name, targets)
         if target is None or isinstance(module, LoRALinear):
             continue
+        if name == OUTPUT_LAYER:
+            raise AdapterError(
+                f"LoRA target {target!r} matches {name}, the output layer: sekft trains LoRA on "
+                "the decoder's linear layers only (its loss reads the lm_head weight directly)"
+            )
         if not isinstance(module, nn.Linear):
             raise AdapterError(
                 f"LoRA target {target!r} matches {name}, a {type(module).__name__}; "
@@ -260,13 +280,25 @@ def attach_lora(
     if not 0.0 <= dropout < 1.0:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     found = find_targets(model, targets)
+    _wrap(model, {name: (layer, r, alpha) for name, layer in found.items()}, dropout, rslora, dtype)
+    reset_lora(model, seed)
+    return lora_modules(model)
+
+
+def _wrap(
+    model: nn.Module,
+    layers: dict[str, tuple[nn.Linear, int, float]],
+    dropout: float,
+    rslora: bool,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, LoRALinear]:
+    """Freeze `model` and wrap each named linear layer with its own (rank, alpha)."""
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, layer in found.items():
+    for name, (layer, r, alpha) in layers.items():
         # New layers follow the model's mode: an eval-mode model must not get LoRA dropout.
         wrapped = LoRALinear(layer, r, alpha, dropout, rslora, dtype).train(model.training)
         model.set_submodule(name, wrapped)
-    reset_lora(model, seed)
     return lora_modules(model)
 
 
@@ -424,18 +456,24 @@ def _write_json(path: Path, data: dict) -> None:
     _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
 
 
-def adapter_config(modules: dict[str, LoRALinear], base_name: str | None) -> dict:
+def adapter_config(
+    modules: dict[str, LoRALinear], base_name: str | None, targets: list[str] | None = None
+) -> dict:
     """The adapter_config.json PEFT writes for these LoRA layers (LoRA, causal LM, no bias,
     no DoRA, no modules_to_save). Only fields PEFT has known since 0.10 are written, so older
-    PEFT versions load it too."""
+    PEFT versions load it too. `target_modules` is `targets`, by default the layers' last
+    name parts (`q_proj`, ...); see `saved_targets`."""
     first = next(iter(modules.values()))
     setting = (first.r, first.alpha, first.rslora, first.dropout)
     for name, m in modules.items():
         if (m.r, m.alpha, m.rslora, m.dropout) != setting:
             raise AdapterError(
                 f"LoRA layers disagree: {name} has r={m.r}, alpha={m.alpha}, rslora={m.rslora}, "
-                f"dropout={m.dropout}, unlike the others; PEFT's format holds one setting"
+                f"dropout={m.dropout}, unlike the others; save_adapter writes one setting for "
+                "all layers (no rank_pattern or alpha_pattern)"
             )
+    if targets is None:
+        targets = sorted({name.rsplit(".", 1)[-1] for name in modules})
     return {
         "alpha_pattern": {},
         "auto_mapping": None,
@@ -453,11 +491,24 @@ def adapter_config(modules: dict[str, LoRALinear], base_name: str | None) -> dic
         "r": first.r,
         "rank_pattern": {},
         "revision": None,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}),
+        "target_modules": targets,
         "task_type": "CAUSAL_LM",
         "use_dora": False,
         "use_rslora": first.rslora,
     }
+
+
+def saved_targets(model: nn.Module, modules: dict[str, LoRALinear]) -> list[str]:
+    """`target_modules` for an adapter on `modules`: their last name parts (`q_proj`, ...)
+    when those select exactly these layers of `model` (PEFT's suffix rule), else their full
+    names (after loading an adapter that used `layers_to_transform`, `exclude_modules` or a
+    regex), so that PEFT, vLLM and `load_adapter` see the layers the tensors cover."""
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    uncovered = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name not in modules and _matches(name, suffixes)
+    ]
+    return sorted(modules) if uncovered else suffixes
 
 
 def vllm_warnings(config: dict, max_lora_rank: int = VLLM_MAX_LORA_RANK) -> list[str]:
@@ -475,6 +526,11 @@ def vllm_warnings(config: dict, max_lora_rank: int = VLLM_MAX_LORA_RANK) -> list
         found.append(f"bias={config['bias']!r}: vLLM needs bias 'none' (or --enable-lora-bias)")
     if config.get("use_dora"):
         found.append("use_dora: vLLM does not support DoRA adapters")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if config.get(field):
+            # vLLM's PEFTHelper reads r and lora_alpha only: every layer gets alpha / r.
+            found.append(f"{field}={config[field]}: vLLM ignores it and scales every layer "
+                         "by lora_alpha / r")
     return found
 
 
@@ -493,7 +549,7 @@ def save_adapter(
     where vLLM would refuse the adapter, see `vllm_warnings`.
     """
     modules = _require_lora(model, "save_adapter")
-    config = adapter_config(modules, base_name)
+    config = adapter_config(modules, base_name, saved_targets(model, modules))
     tensors = {
         PEFT_PREFIX + name: param.detach().to("cpu").contiguous()
         for name, param in lora_parameters(model).items()
@@ -510,8 +566,133 @@ def save_adapter(
     return found
 
 
+# adapter_config.json fields sekft reads and honours (`read_adapter_config`, `adapter_layers`,
+# `layer_settings`).
+READ_FIELDS = (
+    "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
+    "init_lora_weights",
+)
+# Fields that do not change what a loaded adapter computes: metadata, and settings PEFT uses
+# only to create or train one (each init config matters only with its `init_lora_weights`,
+# refused below when it rewrote the base; `ensure_weight_tying` only with embedding targets).
+IGNORED_FIELDS = (
+    "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
+    "auto_mapping", "megatron_config", "megatron_core", "qalora_group_size", "loftq_config",
+    "eva_config", "corda_config", "astra_config", "lora_ga_config", "runtime_config",
+    "ensure_weight_tying",
+)
+# Features sekft does not implement, each with the values that mean "off". A set one changes
+# the adapter's output (DoRA's magnitudes, trained biases, replaced or replicated modules,
+# aLoRA's token-dependent activation, ...), so loading the plain LoRA part would be wrong.
+UNSUPPORTED_FIELDS = {
+    "use_dora": (False, None),
+    "bias": ("none", None),
+    "modules_to_save": (None, []),
+    "fan_in_fan_out": (False, None),
+    "lora_bias": (False, None),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "target_parameters": (None, []),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None, []),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+    "use_bdlora": (None, False),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+}
+# `init_lora_weights` values that only initialise A and B. The others (PiSSA, OLoRA, CorDA,
+# Astra, LoftQ, LoRA-GA) also rewrite the base weights, and PEFT redoes that when it loads
+# the adapter: on the unchanged base such an adapter is wrong (logits off by ~2-4 on a tiny
+# model) until PEFT converts it (`path_initial_model_for_weight_conversion`).
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "nora", "mica")
+# A field this version of sekft does not know is accepted only with one of these values.
+EMPTY_VALUES = (None, False, 0, "", [], {})
+
+
+def _is_in(value: object, allowed: Iterable[object]) -> bool:
+    # Equality that tells True from 1 and False from 0 (JSON does, Python's `in` does not).
+    return any(type(value) is type(a) and value == a for a in allowed)
+
+
+def _field_error(path: Path, field: str, value: object, why: str) -> AdapterError:
+    return AdapterError(f"{path}: field {field!r} is {value!r}; {why}")
+
+
+def _check_pattern(path: Path, field: str, value: object) -> None:
+    """A regex string (PEFT's `re.fullmatch` over module names), or raise AdapterError."""
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise _field_error(path, field, value, f"not a valid regular expression ({e})") from e
+
+
+def _check_names(path: Path, field: str, value: object, regex: bool) -> None:
+    """A list of module names, or (`regex`) one regex string; raise AdapterError if not."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return
+    if regex and isinstance(value, str):
+        _check_pattern(path, field, value)
+        return
+    kind = "a list of module names or a regex string" if regex else "a list of module names"
+    raise _field_error(path, field, value, f"sekft needs {kind}")
+
+
+def _check_read_fields(path: Path, config: dict) -> None:
+    """Raise AdapterError for a value of a `READ_FIELDS` field that sekft cannot honour."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise _field_error(path, "peft_type", config["peft_type"], "sekft loads LORA only")
+    r = config["r"]
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise _field_error(path, "r", r, "it must be a positive integer")
+    alpha = config["lora_alpha"]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise _field_error(path, "lora_alpha", alpha, "it must be a number")
+    dropout = config.get("lora_dropout") or 0.0
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise _field_error(path, "lora_dropout", dropout, "it must be a number in [0, 1)")
+    _check_names(path, "target_modules", config["target_modules"], regex=True)
+    if config.get("exclude_modules") is not None:
+        _check_names(path, "exclude_modules", config["exclude_modules"], regex=True)
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+        (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
+    ):
+        raise _field_error(path, "layers_to_transform", layers, "sekft needs a layer index "
+                           "or a list of them")
+    pattern = config.get("layers_pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        _check_names(path, "layers_pattern", pattern, regex=False)
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        value = config.get(field) or {}
+        if not isinstance(value, dict) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) and v > 0 for v in value.values()
+        ):
+            raise _field_error(path, field, value, "sekft needs {module name regex: positive "
+                               "number}")
+        for key in value:
+            _check_pattern(path, field, key)
+    init = config.get("init_lora_weights", True)
+    if not _is_in(init, PLAIN_INITS):
+        raise _field_error(
+            path, "init_lora_weights", init,
+            "that initialisation rewrote the base weights, so the adapter is only right on "
+            "that rewritten base; convert it to plain LoRA with PEFT "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))",
+        )
+
+
 def read_adapter_config(adapter_dir: Path) -> dict:
-    """adapter_config.json of a LoRA adapter folder, checked for what sekft can load."""
+    """adapter_config.json of a LoRA adapter folder, checked for what sekft can load.
+
+    Contract: every field is honoured (`READ_FIELDS`), irrelevant to the loaded adapter
+    (`IGNORED_FIELDS`), off (`UNSUPPORTED_FIELDS`), or unknown to sekft and empty
+    (`EMPTY_VALUES`: None, false, 0, "", [], {}); anything else raises AdapterError naming
+    the file and the field, so no setting that changes the adapter's output is silently
+    dropped.
+    """
     path = adapter_dir / ADAPTER_CONFIG
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter folder {adapter_dir} does not exist")
@@ -527,61 +708,190 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in config:
             raise AdapterError(f"{path}: field {field!r} is missing")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: peft_type {config['peft_type']!r}; sekft loads LORA only")
-    if not isinstance(config["r"], int) or config["r"] < 1:
-        raise AdapterError(f"{path}: field 'r' must be a positive integer, got {config['r']!r}")
-    targets = config["target_modules"]
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise AdapterError(
-            f"{path}: field 'target_modules' is {targets!r}; sekft needs a list of module "
-            "names (a regex or 'all-linear' is not supported)"
-        )
-    unsupported = {
-        "use_dora": (False, None),
-        "bias": ("none", None),
-        "modules_to_save": (None, []),
-        "fan_in_fan_out": (False, None),
-        "rank_pattern": ({}, None),
-        "alpha_pattern": ({}, None),
-        "layers_to_transform": (None,),
-        "lora_bias": (False, None),
-    }
-    for field, allowed in unsupported.items():
-        if field in config and config[field] not in allowed:
-            raise AdapterError(
-                f"{path}: field {field!r} is {config[field]!r}; sekft supports only "
-                f"{allowed[0]!r} there (plain LoRA on linear layers)"
+    _check_read_fields(path, config)
+    for field, value in config.items():
+        if field in READ_FIELDS or field in IGNORED_FIELDS:
+            continue
+        if field in UNSUPPORTED_FIELDS:
+            allowed = UNSUPPORTED_FIELDS[field]
+            if not _is_in(value, allowed):
+                raise _field_error(path, field, value, f"sekft supports only {allowed[0]!r} "
+                                   "there (plain LoRA on linear layers)")
+        elif not _is_in(value, EMPTY_VALUES):
+            raise _field_error(
+                path, field, value,
+                "sekft does not know this field (a newer PEFT feature?) and cannot tell "
+                "whether it changes what the adapter computes",
             )
     return config
 
 
-def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """adapter_model.safetensors of an adapter folder, keys without PEFT's prefix."""
+def adapter_weights_path(adapter_dir: Path) -> Path:
+    """The adapter's weights file: `adapter_model.safetensors`, else PEFT's older
+    `adapter_model.bin` (PEFT and vLLM read both, safetensors first)."""
     path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file() and (adapter_dir / ADAPTER_WEIGHTS_BIN).is_file():
+        return adapter_dir / ADAPTER_WEIGHTS_BIN
+    return path
+
+
+def _adapter_key(key: str) -> str:
+    """Our parameter name for a PEFT tensor key: without `base_model.model.` and without the
+    adapter name PEFT keeps in memory (`lora_A.default.weight`, in files written from a
+    PeftModel's own state_dict; PEFT loads those too)."""
+    key = key.removeprefix(PEFT_PREFIX)
+    for part in ("lora_A", "lora_B"):
+        key = key.replace(f".{part}.default.weight", f".{part}.weight")
+    return key
+
+
+def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder (`adapter_weights_path`), keys as `_adapter_key`."""
+    path = adapter_weights_path(adapter_dir)
     if not path.is_file():
-        hint = " (a .bin adapter: re-save it with safe_serialization=True)" if (
-            adapter_dir / "adapter_model.bin").is_file() else ""
-        raise AdapterError(f"{path}: missing{hint}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(
-            f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupt, "
-            "re-save or re-download the adapter"
-        ) from e
-    return {key.removeprefix(PEFT_PREFIX): t for key, t in tensors.items()}
+        raise AdapterError(f"{path}: missing (nor is there an {ADAPTER_WEIGHTS_BIN})")
+    if path.name == ADAPTER_WEIGHTS_BIN:
+        try:
+            # weights_only: a pickle may run code; this reads tensors and containers only.
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+            # torch's messages run over several lines; the first says what failed.
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise AdapterError(
+                f"{path}: cannot be read as a torch tensor file ({first}); the file is "
+                "truncated or corrupt, re-save or re-download the adapter"
+            ) from e
+        if not isinstance(tensors, dict) or not all(
+            isinstance(t, torch.Tensor) for t in tensors.values()
+        ):
+            raise AdapterError(f"{path}: expected a dict of tensors, as PEFT saves")
+    else:
+        try:
+            with safe_open(path, framework="pt") as f:
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterError(
+                f"{path}: cannot be read as safetensors ({e}); the file is truncated or "
+                "corrupt, re-save or re-download the adapter"
+            ) from e
+    out = {_adapter_key(key): t for key, t in tensors.items()}
+    if len(out) != len(tensors):
+        raise AdapterError(f"{path}: holds a tensor twice, with and without an adapter name")
+    return out
+
+
+def _layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The block index in a module name, as PEFT reads it for `layers_to_transform`: the
+    first number after `<pattern>.` (any name part without a pattern)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _selects(config: dict, name: str, module: nn.Module) -> bool:
+    """Whether PEFT puts this adapter's LoRA on `module`, named `name` (PEFT's
+    `check_target_module_exists`): not excluded, and named by `target_modules` (a regex in
+    full, an exact name, or a name suffix after a dot, then filtered by
+    `layers_to_transform`), or a linear layer but the output layer with "all-linear"."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+        return False
+    if isinstance(exclude, list) and _matches(name, exclude):
+        return False
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return isinstance(module, (nn.Linear, LoRALinear)) and name != OUTPUT_LAYER
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    if not _matches(name, targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(name, config.get("layers_pattern"))
+    return index is not None and index in ([layers] if isinstance(layers, int) else layers)
+
+
+def adapter_layers(model: nn.Module, config: dict, path: Path) -> dict[str, nn.Module]:
+    """The layers of `model` (`nn.Linear`, or `LoRALinear` slots) that an adapter config puts
+    LoRA on, by module name, selected as PEFT selects them (`_selects`; with "all-linear",
+    every linear layer but the output layer).
+
+    As in PEFT, list entries that name no module are allowed (PEFT saves them as given); the
+    tensors decide whether the adapter fits. Raises AdapterError, naming `path` (the config)
+    and the field, when nothing is selected, or a selected module is not a linear layer, or
+    is the output layer.
+    """
+    found: dict[str, nn.Module] = {}
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        # A slot's own lora_A/lora_B are not base modules.
+        if any(name.startswith(prefix + ".") for prefix in wrapped):
+            continue
+        if isinstance(module, LoRALinear):
+            wrapped.append(name)
+        if not name or not _selects(config, name, module):
+            continue
+        targets = config["target_modules"]
+        if name == OUTPUT_LAYER or not isinstance(module, (nn.Linear, LoRALinear)):
+            what = ("the output layer" if name == OUTPUT_LAYER
+                    else f"not a linear layer ({type(module).__name__})")
+            raise _field_error(
+                path, "target_modules", targets,
+                f"it selects {name}, {what}; sekft loads LoRA on the decoder's linear layers only",
+            )
+        found[name] = module
+    if not found:
+        base = config.get("base_model_name_or_path")
+        raise _field_error(
+            path, "target_modules", config["target_modules"],
+            "it selects no layer of this model (with exclude_modules and layers_to_transform); "
+            f"is the adapter for another base (it names {base!r})?",
+        )
+    return found
+
+
+def _pattern_value(patterns: dict | None, name: str, default: float) -> float:
+    """The value PEFT gives the module `name` from `rank_pattern`/`alpha_pattern`: that of
+    the first key matching the end of the name after a dot (PEFT's `get_pattern_key`)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def layer_settings(config: dict, names: Iterable[str]) -> dict[str, tuple[int, float]]:
+    """(rank, alpha) of each named layer: `r` and `lora_alpha`, unless `rank_pattern` or
+    `alpha_pattern` says otherwise for it."""
+    return {
+        name: (
+            _pattern_value(config.get("rank_pattern"), name, config["r"]),
+            _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]),
+        )
+        for name in names
+    }
 
 
 def _check_adapter_fits(
-    path: Path, config: dict, tensors: dict[str, torch.Tensor], layers: dict[str, nn.Module]
+    path: Path,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    layers: dict[str, nn.Module],
+    settings: dict[str, tuple[int, float]],
 ) -> None:
-    """Raise AdapterError unless `tensors` are exactly a rank-r LoRA pair for each layer."""
-    r = config["r"]
+    """Raise AdapterError unless `tensors` are exactly a LoRA pair of each layer's rank."""
     base = config.get("base_model_name_or_path")
     expected = {}
     for name, layer in layers.items():
+        r = settings[name][0]
         expected[f"{name}.lora_A.weight"] = (r, layer.in_features)
         expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
     unknown = sorted(set(tensors) - set(expected))
@@ -601,6 +911,7 @@ def _check_adapter_fits(
         if got == shape:
             continue
         rank_dim = 0 if key.endswith("lora_A.weight") else 1
+        r = shape[rank_dim]
         if len(got) == 2 and got[rank_dim] != r and got[1 - rank_dim] == shape[1 - rank_dim]:
             raise AdapterError(
                 f"{path}: rank mismatch: {ADAPTER_CONFIG} says r={r} but tensor "
@@ -616,47 +927,51 @@ def _check_adapter_fits(
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     """Load a PEFT LoRA adapter folder (ours or PEFT's) into `model`; return its config.
 
-    If `model` has no LoRA layers they are attached as the config asks. If it has (resident
-    slots), their rank and targets must equal the adapter's; alpha and rsLoRA follow the
-    adapter. Everything is checked before anything is written, so a failed load leaves the
-    model as it was. Raises AdapterError naming the file and what is wrong: a missing or
-    corrupt file, an unsupported config, unknown target modules, a rank disagreeing between
-    config and tensors, shapes from another base.
+    The layers are those PEFT would adapt (`adapter_layers`: target_modules as names, a
+    regex or "all-linear", exclude_modules, layers_to_transform), each with its rank and
+    alpha (`layer_settings`: rank_pattern, alpha_pattern) and rsLoRA as the config says;
+    the tensors come from adapter_model.safetensors or adapter_model.bin.
+    If `model` has no LoRA layers they are attached so. If it has (resident slots), they
+    must be on exactly those layers with those ranks; alpha and rsLoRA follow the adapter.
+    Everything is checked before anything is written, so a failed load leaves the model as
+    it was. Raises AdapterError naming the file and what is wrong: a missing or corrupt file,
+    a config field sekft cannot honour (`read_adapter_config`), targets that select nothing
+    or no linear layer, a rank disagreeing between config and tensors, shapes from another
+    base.
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
-    path = adapter_dir / ADAPTER_WEIGHTS
+    path = adapter_weights_path(adapter_dir)
     slots = lora_modules(model)
-    targets = config["target_modules"]
     if slots:
         _refuse_merged(slots, "load_adapter")
-        covered = {name for name in slots if _matches(name, targets)}
-        idle = [t for t in targets if not any(_matches(name, [t]) for name in slots)]
-        if covered != set(slots) or idle:
+    layers = adapter_layers(model, config, adapter_dir / ADAPTER_CONFIG)
+    settings = layer_settings(config, layers)
+    if slots:
+        if set(layers) != set(slots):
+            want = sorted({name.rsplit(".", 1)[-1] for name in layers})
             have = sorted({name.rsplit(".", 1)[-1] for name in slots})
             raise AdapterError(
-                f"{adapter_dir}: adapter targets {sorted(set(targets))} but the model's LoRA "
-                f"layers are on {have}; detach_lora first, or attach the adapter's targets"
+                f"{adapter_dir}: adapter targets {len(layers)} layers ({want}) but the model's "
+                f"{len(slots)} LoRA layers are on {have}; detach_lora first, or attach the "
+                "adapter's targets"
             )
-        slot_r = next(iter(slots.values())).r
-        if slot_r != config["r"]:
-            raise AdapterError(
-                f"{adapter_dir}: rank mismatch: the adapter has r={config['r']} but the "
-                f"model's LoRA layers have r={slot_r}; detach_lora first, or attach r={config['r']}"
-            )
-        layers: dict[str, nn.Module] = dict(slots)
-    else:
-        layers = dict(find_targets(model, targets))
-    _check_adapter_fits(path, config, tensors, layers)
+        for name, slot in slots.items():
+            r = settings[name][0]
+            if slot.r != r:
+                raise AdapterError(
+                    f"{adapter_dir}: rank mismatch: the adapter has r={r} on {name} but the "
+                    f"model's LoRA layer there has r={slot.r}; detach_lora first, or attach r={r}"
+                )
+    _check_adapter_fits(path, config, tensors, layers, settings)
+    rslora = bool(config.get("use_rslora", False))
     if not slots:
-        slots = attach_lora(
-            model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0) or 0.0,
-            targets, config.get("use_rslora", False),
-        )
+        plan = {name: (layer, *settings[name]) for name, layer in layers.items()}
+        slots = _wrap(model, plan, config.get("lora_dropout", 0.0) or 0.0, rslora)
     for name, module in slots.items():
-        module.alpha = config["lora_alpha"]
-        module.rslora = bool(config.get("use_rslora", False))
+        module.alpha = settings[name][1]
+        module.rslora = rslora
         module.scaling = lora_scaling(module.r, module.alpha, module.rslora)
         module.lora_A.weight.copy_(tensors[f"{name}.lora_A.weight"])
         module.lora_B.weight.copy_(tensors[f"{name}.lora_B.weight"])
@@ -753,7 +1068,7 @@ def check_adapter(adapter_dir: str | Path, max_lora_rank: int = VLLM_MAX_LORA_RA
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
-    path = adapter_dir / ADAPTER_WEIGHTS
+    path = adapter_weights_path(adapter_dir)
     if not tensors:
         raise AdapterError(f"{path}: holds no tensors")
     for key, tensor in tensors.items():
@@ -761,9 +1076,11 @@ def check_adapter(adapter_dir: str | Path, max_lora_rank: int = VLLM_MAX_LORA_RA
         if part not in ("lora_A", "lora_B") or tensor.dim() != 2:
             raise AdapterError(f"{path}: tensor {PEFT_PREFIX}{key} is not a LoRA A or B matrix")
         rank = tensor.shape[0] if part == "lora_A" else tensor.shape[1]
-        if rank != config["r"]:
+        module = key.rsplit(".", 2)[0]
+        r = layer_settings(config, [module])[module][0]
+        if rank != r:
             raise AdapterError(
-                f"{path}: rank mismatch: {ADAPTER_CONFIG} says r={config['r']} but tensor "
+                f"{path}: rank mismatch: {ADAPTER_CONFIG} says r={r} for {module} but tensor "
                 f"{PEFT_PREFIX}{key} has rank {rank}"
             )
     return vllm_warnings(config, max_lora_rank)
@@ -789,8 +1106,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         config = read_adapter_config(Path(args.adapter))
         found = check_adapter(args.adapter, args.max_lora_rank)
+        targets = config["target_modules"]  # a list, or one regex
+        shown = targets if isinstance(targets, str) else sorted(targets)
         print(f"{args.adapter}: LoRA r={config['r']} alpha={config['lora_alpha']} "
-              f"targets={sorted(config['target_modules'])}: sekft loads it")
+              f"targets={shown}: sekft loads it")
         for message in found:
             print(f"vLLM would refuse it: {message}")
         return 0

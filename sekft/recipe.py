@@ -47,7 +47,7 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def _type_name(action: argparse.Action) -> str:
     if isinstance(action, argparse._StoreTrueAction):
         return "true or false"
-    if action.nargs in ("+", "*"):
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
         return "a list of strings"
     return {int: "an integer", float: "a number"}.get(action.type, "a string")
 
@@ -58,6 +58,9 @@ def _check_value(path: Path, key: str, action: argparse.Action, value: Any) -> A
         ok = isinstance(value, bool)
     elif action.nargs in ("+", "*"):
         ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    elif isinstance(action, argparse._AppendAction):
+        # A repeatable option (--template-var): the recipe lists its values.
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     elif action.type is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif action.type is float:

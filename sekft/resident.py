@@ -392,9 +392,11 @@ class Resident:
             self.socket_path.unlink(missing_ok=True)
             self.lock_file.close()
             self.closed.set()
-        # Connection threads are daemons: let those answering `shutdown` say so before the
-        # process can exit under them.
-        for answered in self.farewells:
+        # Connection threads are daemons: let those answering `shutdown`, or streaming a job's
+        # last events, say so before the process can exit under them.
+        with self.changed:
+            farewells = list(self.farewells)
+        for answered in farewells:
             answered.wait(timeout=5)
         log("stopped")
 
@@ -444,7 +446,23 @@ class Resident:
         return self.follow(conn, job)
 
     def follow(self, conn: socket.socket, job: Job) -> bool:
-        """Stream a job's events, from its first, until its terminal one."""
+        """Stream a job's events, from its first, until its terminal one.
+
+        The stream counts as a farewell: on shutdown the process waits for it, or a client
+        following the job that SIGTERM cancelled would see the connection close before the
+        job's `cancelled` event (the worker has finished, this daemon thread has not sent it).
+        """
+        delivered = threading.Event()
+        with self.changed:
+            self.farewells.append(delivered)
+        try:
+            return self._stream(conn, job)
+        finally:
+            delivered.set()
+            with self.changed:
+                self.farewells.remove(delivered)
+
+    def _stream(self, conn: socket.socket, job: Job) -> bool:
         sent = 0
         while True:
             with self.changed:

@@ -62,6 +62,24 @@ def test_resolve_base_uses_hf_home_when_no_hub_cache_is_set(tmp_path, monkeypatc
     assert resolve_base("org/name") == snapshot
 
 
+def test_resolve_base_reads_the_older_hub_cache_variable(tmp_path, monkeypatch):
+    snapshot = tmp_path / "old" / "models--org--name" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "old"))
+    assert resolve_base("org/name") == snapshot
+
+
+def test_resolve_base_refuses_to_pick_among_revisions_without_refs_main(tmp_path, monkeypatch):
+    repo = tmp_path / "models--org--name"
+    for rev in ("aaa", "bbb"):
+        (repo / "snapshots" / rev).mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"holds 2 revisions and no refs/main; pass one as "
+                                              r"a folder: .*snapshots/aaa, .*snapshots/bbb"):
+        resolve_base("org/name")
+
+
 def test_resolve_base_miss_says_where_it_looked_and_never_downloads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError) as e:

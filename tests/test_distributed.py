@@ -87,6 +87,8 @@ def cli(cfg: TrainConfig) -> list[str]:
         flag = "--lora-r" if f.name == "r" else "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             args += [flag] if value else []
+        elif f.name == "template_var":  # repeatable: the flag before each value
+            args += [a for item in value for a in (flag, item)]
         elif isinstance(value, list):
             args += [flag, *value]
         elif value != "":

@@ -31,6 +31,18 @@ def test_command_line_overrides_the_recipe(tmp_path):
     assert (cfg.lr, cfg.r, cfg.out) == (5e-4, 8, "elsewhere")
 
 
+def test_a_repeatable_option_is_a_list_in_the_recipe_and_the_command_line_adds_to_it(tmp_path):
+    path = recipe(tmp_path, 'base = "b"\ndata = "d"\nout = "o"\n'
+                  'template-var = ["enable_thinking=false"]\n')
+    assert sft.config_from_args(["--config", path]).template_var == ["enable_thinking=false"]
+    cfg = sft.config_from_args(["--config", path, "--template-var", "x=1"])
+    assert cfg.template_var == ["enable_thinking=false", "x=1"]
+    assert sekft_eval.parse_args(["--scenarios", "s", "--out", "o"]).template_var == []
+    bad = recipe(tmp_path, 'base = "b"\ndata = "d"\nout = "o"\ntemplate_var = "x=1"\n')
+    with pytest.raises(ConfigError, match="'template_var' must be a list of strings"):
+        sft.config_from_args(["--config", bad])
+
+
 def test_integer_is_accepted_where_a_number_is_expected(tmp_path):
     path = recipe(tmp_path, 'base = "b"\ndata = "d"\nout = "o"\nalpha = 16\n')
     assert sft.config_from_args(["--config", path]).alpha == 16.0

@@ -7,6 +7,7 @@ the end run the real trainer and evaluator on a tiny base.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import socket
@@ -101,10 +102,14 @@ def connect(path: Path) -> socket.socket:
     return conn
 
 
-def read_events(conn: socket.socket) -> list[dict]:
-    """Read reply lines up to and including the terminal event."""
+def read_events(conn: socket.socket | io.BufferedReader) -> list[dict]:
+    """Read reply lines up to and including the terminal event.
+
+    Pass the reader already reading a connection, not the connection: a second reader would
+    miss the lines the first one buffered (the terminal event among them, on a busy machine).
+    """
     events = []
-    with conn.makefile("rb") as reader:
+    with conn.makefile("rb") if isinstance(conn, socket.socket) else conn as reader:
         for line in reader:
             events.append(json.loads(line))
             if events[-1]["event"] in resident.TERMINAL_EVENTS:
@@ -645,7 +650,7 @@ def test_sigterm_lets_the_training_job_checkpoint_then_the_server_exits(tiny_lla
                     event = json.loads(reader.readline())
                     assert event["event"] not in resident.TERMINAL_EVENTS, event
                 server.send_signal(signal.SIGTERM)
-                final = read_events(conn)[-1]
+                final = read_events(reader)[-1]
             assert server.wait(60) == 0, server.stderr.read()
             assert not path.exists()
         finally:

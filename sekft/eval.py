@@ -52,7 +52,7 @@ from sekft.sandbox import (
     warn_no_sandbox,
 )
 from sekft.scenario import ENDINGS, Scenario, load_scenarios
-from sekft.shell import Shell, first_word, syntax_error
+from sekft.shell import Shell, blank, first_word, syntax_error
 
 Z95 = 1.959963984540054
 # First words that open shell syntax rather than name a command; bash runs them fine.
@@ -138,12 +138,24 @@ def rate(k: int, n: int) -> dict:
 
 def is_command(reply: str, runnable: Callable[[str], bool]) -> bool:
     """Whether `reply` is a shell command line: no markdown fence, parses with `bash -n`,
-    and its first word is runnable (`runnable(word)`: a builtin, keyword, function, alias
-    or executable in the shell as it is now)."""
-    if "```" in reply or syntax_error(reply) is not None:
+    has something to run (not blank or only comments), and its first word is runnable
+    (`runnable(word)`: a builtin, keyword, function, alias or executable in the shell as it
+    is now) or it has none (only assignments, `DIR=/tmp`)."""
+    if "```" in reply or blank(reply) or syntax_error(reply) is not None:
         return False
     word = first_word(reply)
-    return word is not None and (word in SYNTAX_OPENERS or runnable(word))
+    # No first word in a line that is not blank: only assignments (`DIR=/tmp`), which bash runs.
+    return word is None or word in SYNTAX_OPENERS or runnable(word)
+
+
+def utf8_text(text: str) -> str:
+    """`text` with each lone surrogate (an endpoint's JSON may carry one, `"\\ud83d"`) made
+    U+FFFD, as a bad byte in an observation is: transcripts and the shell take UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def stalled(replies: list[str], command_mode: list[bool], k: int) -> bool:
@@ -294,6 +306,7 @@ def _play(episode: Episode, scenario: Scenario, policy: Policy, shell: Shell,
             break
         if isinstance(reply, str):
             reply = Reply(reply)
+        reply.content = utf8_text(reply.content)
         episode.tokens += reply.tokens
         episode.full_prefills += reply.full_prefill
         if reply.violation is not None:

@@ -296,6 +296,18 @@ def drop_privileges() -> None:
     os.setuid(UNPRIVILEGED_ID)
 
 
+def _clear(path: Path) -> None:
+    """Remove what the sandbox left at `path` (file, link, fifo or folder). Never raises: what
+    cannot go is the sandbox's doing, and only keeps its own next panic from being recorded."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _chown_tree(path: Path, uid: int) -> None:
     os.chown(path, uid, uid, follow_symlinks=False)
     for folder, dirs, files in os.walk(path):
@@ -464,7 +476,7 @@ class Sandbox:
     def input_file(self, text: str) -> str:
         """Put `text` where the sandbox can read it; return its path as the sandbox sees it."""
         path = self.harness / "input" / "command"
-        path.write_text(text, encoding="utf-8")
+        path.write_text(text, encoding="utf-8", errors="replace")
         path.chmod(0o644)
         return f"{INPUT_DIR}/command" if self.bwrap is not None else str(path)
 
@@ -478,7 +490,8 @@ class Sandbox:
         """The reason the first `panic` since the last call gave (None: no panic); clears it.
 
         The sandbox can write the record folder, so the record is read as a hostile file:
-        never through a symlink, never blocking on a fifo, at most 4 KiB.
+        never through a symlink, never blocking on a fifo, at most 4 KiB, NULs dropped; a
+        folder, link or fifo in its place is removed, and nothing there makes this raise.
         """
         record = self._reach("record") / PANIC_FILE
         try:
@@ -486,16 +499,17 @@ class Sandbox:
         except FileNotFoundError:
             return None
         except OSError:  # a symlink: not panic's doing, and in the way of the next one
-            record.unlink(missing_ok=True)
+            _clear(record)
             return None
         try:
             data = os.read(fd, 4096) if stat.S_ISREG(os.fstat(fd).st_mode) else None
         finally:
             os.close(fd)
-        record.unlink(missing_ok=True)
+        _clear(record)
         if data is None:
             return None
-        lines = data.decode("utf-8", "replace").splitlines()
+        # No NUL: panic never writes one, and check.sh gets the reason in its environment.
+        lines = data.replace(b"\0", b"").decode("utf-8", "replace").splitlines()
         return lines[0].strip() if lines else ""
 
     def cwd(self) -> str | None:

@@ -12,13 +12,23 @@ The shell is interactive (job control, Ctrl-C, `cd` and variables persist) but t
   old prompt echoed back or a nested `bash` (PS1 is not exported), ends the read early;
 - each command line is first parsed with `bash -n`; a syntax error never reaches the shell
   (it could leave bash waiting for more input), the model sees bash's own message instead.
-  A command is sent wrapped in `{ ...\\n} ; . prompt NONCE $?` so a multi-line command is one
-  unit, is parsed whole before it runs, and yields one prompt (one with a line too long for
-  the terminal is sourced from a file instead);
+  A command is sent wrapped in `{ ...\\n} ; { . prompt NONCE $?; } 2>/dev/null` so a
+  multi-line command is one unit, is parsed whole before it runs, and yields one prompt (the
+  prompt script's stderr goes nowhere, so `set -x` traces the model's commands, not the
+  harness's). One with a line too long for the terminal, or with a control character the
+  terminal would act on (^C, ^D, ^U, DEL...: tab, newline and carriage return are typed as
+  keys), is sourced from a file instead;
+- before each line it types, the harness puts the terminal back in the mode it started in
+  (echo off, ^C interrupts...): a `stty echo` or `stty erase a` lasts for the command line
+  that ran it, and can neither show the harness's typing nor rewrite it;
+- a line with nothing to run (blank, only comments) just shows the prompt again; one of
+  only assignments (`DIR=/tmp`) runs like any other;
 - `panic` writes its reason to a file the reader collects after each command
   (Sandbox.take_panic), so no amount of output around it can lose it;
 - a per-command wall-clock timeout sends Ctrl-C; if no prompt comes back within a grace
   period the whole sandbox is killed and a fresh shell started (the world on disk stays).
+  A shell that ends at that Ctrl-C (`exec sleep 100`) is restarted the same way: the
+  harness ended it, not the model.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import secrets
 import shlex
 import signal
 import subprocess
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +56,9 @@ START_TIMEOUT = 30.0
 MAX_TYPED_LINE = 4000
 TYPE_WORDS = ("alias", "keyword", "function", "builtin", "file")
 ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^\]]*\])?\+?=")
+# Characters the terminal's line discipline acts on when typed (^C, ^D, ^U, ^W, ^S, ^Z, DEL...)
+# or that no key sends; tab, newline and carriage return (Enter) are typed as they are.
+TERMINAL_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass
@@ -76,7 +90,7 @@ def syntax_error(command: str) -> str | None:
     sit waiting for its delimiter.
     """
     # The line the command is sent as must parse too, unless there is nothing to run.
-    wrapped = [typed_line(command, "prompt", "0")] if first_word(command) is not None else []
+    wrapped = [] if blank(command) else [typed_line(command, "prompt", "0")]
     for text in [command, *wrapped]:
         done = subprocess.run(["bash", "-n"], input=text.encode("utf-8", "replace"),
                               capture_output=True)
@@ -86,16 +100,25 @@ def syntax_error(command: str) -> str | None:
     return None
 
 
-def first_word(command: str) -> str | None:
-    """The word bash would run first in `command` (after `VAR=x` assignments and `!`).
+def blank(command: str) -> bool:
+    """Whether `command` has nothing for bash to run: every line is blank or a comment. (A
+    line of only assignments, `DIR=/tmp`, has something to run.)"""
+    lines = command.replace("\r", "\n").split("\n")  # the terminal types \r as Enter
+    return all(line.strip(" \t") == "" or line.lstrip(" \t").startswith("#") for line in lines)
 
-    None when there is none (empty, only comments) or it cannot be split (open quote).
+
+def first_word(command: str) -> str | None:
+    """The word bash would run first in `command` (after `VAR=x` assignments and `!`, and
+    past a list operator that ends a command of only assignments: `x=1; ls` runs `ls`).
+
+    None when there is none (empty, only comments, only assignments) or it cannot be split
+    (open quote).
     """
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     try:
         for token in lexer:
-            if token == "!" or ASSIGNMENT_RE.match(token):
+            if token in ("!", ";", "&", "&&", "||", "|") or ASSIGNMENT_RE.match(token):
                 continue
             return token
     except ValueError:
@@ -106,7 +129,13 @@ def first_word(command: str) -> str | None:
 def typed_line(command: str, prompt_script: str, nonce: str) -> str:
     """What the shell is sent for `command`: one brace group, then the prompt script sourced
     with the next nonce and the group's status, all parsed before anything runs."""
-    return "{ " + command + f"\n}} ; . {shlex.quote(prompt_script)} {nonce} $?\n"
+    return "{ " + command + f"\n}} ; {hidden(f'. {shlex.quote(prompt_script)} {nonce} $?')}\n"
+
+
+def hidden(commands: str) -> str:
+    """`commands` (builtins of the harness's own) as a group whose stderr goes nowhere: under
+    the model's `set -x` their trace would otherwise end every observation."""
+    return "{ " + commands + "; } 2>/dev/null"
 
 
 def sentinel(*nonces: str) -> re.Pattern:
@@ -192,6 +221,7 @@ class Shell:
         self.child.delaybeforesend = None
         self.child.delayafterclose = self.child.ptyproc.delayafterclose = 0.0
         self.child.delayafterterminate = self.child.ptyproc.delayafterterminate = 0.01
+        self.mode = termios.tcgetattr(self.child.child_fd)
         capture = _Capture(self.keep)
         deadline = time.monotonic() + START_TIMEOUT
         outcome = self._read(capture, deadline)
@@ -263,7 +293,7 @@ class Shell:
             return CommandResult(command, error.encode(), status=2, cwd=self.cwd,
                                  timeout=timeout, syntax_error=True)
         result = CommandResult(command, b"", cwd=self.cwd, timeout=timeout)
-        if first_word(command) is None:
+        if blank(command):
             # Blank or only comments: bash would just print the next prompt ("{ }" would
             # not even parse).
             result.status = self.status
@@ -277,18 +307,21 @@ class Shell:
         before, self.nonce = self.nonce, secrets.token_hex(8)
         prompt_script = self.sandbox.prompt_script()
         typed = typed_line(command, prompt_script, self.nonce)
-        if max(len(line.encode()) for line in typed.split("\n")) > MAX_TYPED_LINE:
+        longest = max(len(line.encode("utf-8", "replace")) for line in typed.split("\n"))
+        if longest > MAX_TYPED_LINE or TERMINAL_CONTROL_RE.search(command):
             source = f". {shlex.quote(self.sandbox.input_file(command + chr(10)))}"
             typed = typed_line(source, prompt_script, self.nonce)
         try:
-            self.child.send(typed.encode("utf-8", "replace"))
+            self._type(typed)
             outcome = self._read(capture, time.monotonic() + timeout)
         except OSError:
             outcome = "eof"
         if outcome == "timeout":
             result.timed_out = True
             outcome = self._interrupt(capture, before)
-        if outcome == "timeout":
+        if outcome == "timeout" or (result.timed_out and outcome == "eof"):
+            # No prompt even after Ctrl-C, or the shell ended at that Ctrl-C (it had exec'd
+            # the command): either way the harness, not the model, ended this shell.
             self.close()
             self.start()
             result.restarted = True
@@ -326,12 +359,23 @@ class Shell:
         line (leading space: not in history), and read to its prompt."""
         assert self.child is not None
         self.nonce = secrets.token_hex(8)
-        line = f" {before}. {shlex.quote(self.sandbox.prompt_script())} {self.nonce} {status}\n"
+        script = f"{before}. {shlex.quote(self.sandbox.prompt_script())} {self.nonce} {status}"
         try:
-            self.child.send(line.encode("utf-8", "replace"))
+            self._type(f" {hidden(script)}\n")
         except OSError:
             return "eof"
         return self._read(capture, deadline)
+
+    def _type(self, line: str) -> None:
+        """Type `line` into the terminal as it was at start. The model's `stty` may have
+        changed its mode (bash keeps what a command left): with echo on the harness's line
+        would show in the output, a changed erase or kill character would rewrite it."""
+        assert self.child is not None
+        try:
+            termios.tcsetattr(self.child.child_fd, termios.TCSANOW, self.mode)
+        except termios.error:
+            pass  # the shell is gone: the send or the read says so
+        self.child.send(line.encode("utf-8", "replace"))
 
     def probe_type(self, word: str) -> str:
         """bash's `type -t` of `word` in the shell's current state ('' if not runnable).

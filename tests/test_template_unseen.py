@@ -373,6 +373,12 @@ def test_inspector_runs_on_each_delivery_variant(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "=== session 0 (turn 1, trained from its own render)" in out
     assert out.endswith("0 violations: ok\n")
+    assert main([*data, "--base", str(qwen3), "--session", "0", "--json"]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    turns = [n for n, m in enumerate(shell_session(True)) if m["role"] == "assistant"]
+    assert [own["turn"] for own in record["own_renders"]] == turns[:-1]
+    assert all(own["trained_text"].startswith("<think>\n\n</think>\n\n")
+               and own["trained_text"].endswith("<|im_end|>") for own in record["own_renders"])
 
 
 def test_template_vars_parse_as_json_or_strings_and_refuse_what_sekft_sets():

@@ -199,3 +199,9 @@ def process_group(device: str, timeout_s: float) -> Iterator[Group]:
                          "torchrun --nproc-per-node N, or without it for one process") from None
     yield current()
     dist.destroy_process_group()
+
+
+def left_broken() -> bool:
+    """True when this process still holds a process group: `process_group` left it up because
+    the run failed inside it (a lost peer, say)."""
+    return dist.is_available() and dist.is_initialized()

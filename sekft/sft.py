@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import random
 import signal
@@ -749,7 +750,15 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("sekft-train", _main, argv)
+    code = run_cli("sekft-train", _main, argv)
+    if code and distributed.left_broken():
+        # A process group that lost a peer is never torn down (sekft.distributed), and the
+        # interpreter's own teardown of it can abort in gloo (SIGABRT after the error line
+        # was printed): end here, with the error's exit status, once the output is out.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -308,7 +308,7 @@ def test_a_killed_rank_ends_the_other_with_one_line_not_a_hang(tiny_llama, tmp_p
         survivor.kill()
         dying.kill()
     assert dying.returncode == -signal.SIGKILL
-    assert survivor.returncode == 1
+    assert survivor.returncode == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("sekft-train: error: rank 0 of 2: lost the other ranks"), err
     assert "Traceback" not in err

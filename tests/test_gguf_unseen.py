@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from tiny import make_tiny_checkpoint
-from tiny_gguf import HF_TO_GGUF, add_tokenizer, llama_cpp_permute
+from tiny_gguf import HF_TO_GGUF, add_block_hyperparameters, add_tokenizer, llama_cpp_permute
 
 from sekft import gguf as sekft_gguf
 from sekft.base import load_base
@@ -91,14 +91,7 @@ def write_like_llama_cpp(folder: Path, path: Path, pre: str = "gpt-2",
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(theta)
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    add_block_hyperparameters(writer, config, theta)
     if config.get("head_dim"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -487,20 +480,25 @@ def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", *K_TYPES])
-def test_dequantized_equals_transformers_dequantizer(kind, tmp_path):
-    from transformers.integrations.gguf.dequant import dequantize
-
-    data = random_blocks(kind, 4, 512)
-    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    qtype = gguf.GGMLQuantizationType[kind]
+def dequantized_through_a_file(data: np.ndarray, qtype, path: Path) -> torch.Tensor:
+    """sekft's dequantization of `data` (raw blocks of `qtype`), written into a GGUF at `path`
+    and read back as sekft reads tensors."""
+    writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tensor("token_embd.weight", data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tensor = gguf.GGUFReader(tmp_path / "t.gguf").tensors[0]
-    ours = sekft_gguf.dequantized(tensor, tmp_path / "t.gguf")
+    return sekft_gguf.dequantized(gguf.GGUFReader(path).tensors[0], path)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", *K_TYPES])
+def test_dequantized_equals_transformers_dequantizer(kind, tmp_path):
+    from transformers.integrations.gguf.dequant import dequantize
+
+    data = random_blocks(kind, 4, 512)
+    qtype = gguf.GGMLQuantizationType[kind]
+    ours = dequantized_through_a_file(data, qtype, tmp_path / "t.gguf")
     theirs = dequantize(torch.from_numpy(data.copy()).reshape(-1), int(qtype)).reshape(4, 512)
     assert ours.shape == (4, 512)
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-5)
@@ -510,14 +508,8 @@ def test_dequantized_equals_transformers_dequantizer(kind, tmp_path):
 def test_dequantized_is_close_to_what_was_quantized(kind, tmp_path):
     value = np.random.default_rng(1).normal(0, 0.1, (8, 64)).astype(np.float32)
     qtype = gguf.GGMLQuantizationType[kind]
-    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    writer.add_tensor("token_embd.weight", gguf.quants.quantize(value, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tensor = gguf.GGUFReader(tmp_path / "t.gguf").tensors[0]
-    ours = sekft_gguf.dequantized(tensor, tmp_path / "t.gguf")
+    ours = dequantized_through_a_file(gguf.quants.quantize(value, qtype), qtype,
+                                      tmp_path / "t.gguf")
     assert torch.allclose(ours, torch.from_numpy(value), atol=0.02)
 
 

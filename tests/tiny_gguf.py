@@ -95,6 +95,18 @@ def add_tokenizer(writer, tokenizer_json: dict, tokenizer_config: dict, pre: str
         writer.add_chat_template(tokenizer_config["chat_template"])
 
 
+def add_block_hyperparameters(writer, config: dict, rope_theta: float) -> None:
+    """The hyperparameters every llama-family GGUF states, from a Hugging Face config."""
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(rope_theta)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+
+
 def write_gguf(folder: Path, path: Path, quant: dict[str, str] | None = None,
                pre: str = "gpt-2") -> Path:
     """A GGUF at `path` holding the tiny checkpoint in `folder` (llama or qwen2)."""
@@ -105,14 +117,8 @@ def write_gguf(folder: Path, path: Path, quant: dict[str, str] | None = None,
     config = json.loads((folder / "config.json").read_text())
     arch = config["model_type"]
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    add_block_hyperparameters(
+        writer, config, config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
     add_tokenizer(

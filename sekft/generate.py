@@ -263,8 +263,15 @@ def content_candidates(body: str) -> list[str]:
     `<think>\n\n</think>\n\n`) makes the text after `</think>` the first candidate: the
     command, as a server's reasoning parser would return it; the round trip decides.
     """
-    after = [body.rsplit("</think>", 1)[1].strip()] if "</think>" in body else []
-    return list(dict.fromkeys([*after, body.strip(), body.lstrip(), body.rstrip(), body]))
+    after = after_think(body)
+    first = [] if after is None else [after]
+    return list(dict.fromkeys([*first, body.strip(), body.lstrip(), body.rstrip(), body]))
+
+
+def after_think(text: str) -> str | None:
+    """What follows the last `</think>` in `text`, stripped (the command after a think
+    block), or None when `text` has none."""
+    return text.rsplit("</think>", 1)[1].strip() if "</think>" in text else None
 
 
 def reply_content(
@@ -544,8 +551,9 @@ def command_text(content: str, reasoning_apart: bool) -> str:
     """
     ends = [i for i in (content.find(s) for s in END_OF_TURN_TEXTS) if i >= 0]
     content = content[: min(ends)] if ends else content
-    if "</think>" in content:
-        return content.rsplit("</think>", 1)[1].strip()
+    after = after_think(content)
+    if after is not None:
+        return after
     if content.lstrip().startswith("<think>"):
         return ""
     return content.strip() if reasoning_apart else content

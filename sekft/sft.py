@@ -178,7 +178,7 @@ def prepare_data(cfg: TrainConfig, template, tokenizer) -> TrainData:
     )
     digest = hashlib.sha256()
     # One group of examples per session: its render, then a render of its own for each turn
-    # the template rewrites once later turns exist (sekft.mask: Qwen3's think blocks).
+    # the full render cannot train (sekft.mask `train_own_renders`: Qwen3's think blocks).
     groups, kept, untrained, overlong, violations = [], [], [], [], 0
     for index, (session, source, enc) in enumerate(zip(sessions, sources, encoded, strict=True)):
         digest.update(json.dumps(enc.messages, sort_keys=True).encode() + b"\n")
